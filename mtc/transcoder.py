@@ -1,0 +1,238 @@
+"""The Matryoshka transcoder: nested-prefix BatchTopK in training, JumpReLU at inference.
+
+    a      = relu(x @ W_enc + b_enc)                      pre-activations
+    z      = BatchTopK(a, k)          (training)          keep the k*B largest entries of the batch
+    z      = a * (a > threshold)      (inference)         JumpReLU with the learned threshold
+    y_hat_g = z[:, :m_g] @ W_dec[:m_g] + b_dec (+ x @ W_skip)   one reconstruction per prefix g
+    loss   = sum_g w_g * FVU(y, y_hat_g) + aux_coeff * AuxK
+
+The pure maths (`batch_topk`, `decode_prefixes`, `fvu`, `aux_k_loss`) are plain functions on tensors;
+`MatryoshkaTranscoder` holds the parameters and the training-time statistics (threshold estimate,
+firing counters) and composes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .config import TranscoderConfig, torch_dtype
+
+
+# ---------------------------------------------------------------------- pure maths
+def batch_topk(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, Tensor]:
+    """Keep the `k * batch` largest entries over the whole batch, zero the rest.
+
+    Returns the sparse activations (dense layout) and the smallest positive kept value, the
+    quantity whose running average becomes the inference threshold.
+    """
+    flat = pre_acts.flatten()
+    n_keep = min(k * pre_acts.shape[0], flat.numel())
+    values, indices = flat.topk(n_keep, sorted=False)
+    z = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
+    smallest_kept = torch.where(values > 0, values, torch.inf).min().detach()
+    return z, smallest_kept
+
+
+def decode_prefixes(
+    z: Float[Tensor, "batch d_sae"],
+    W_dec: Float[Tensor, "d_sae d_out"],
+    b_dec: Float[Tensor, " d_out"],
+    prefix_sizes: list[int],
+) -> Float[Tensor, "prefix batch d_out"]:
+    """All nested reconstructions for the cost of one decode: each group's slice is decoded once
+    and the prefix outputs are the cumulative sums of the group outputs."""
+    group_sizes = [m - prev for prev, m in zip([0, *prefix_sizes[:-1]], prefix_sizes)]
+    # split (not slicing) so that backward concatenates the group gradients once
+    group_outputs = torch.stack([z_g @ W_g for z_g, W_g in zip(z.split(group_sizes, dim=1),
+                                                               W_dec.split(group_sizes, dim=0))])
+    return group_outputs.cumsum(0) + b_dec
+
+
+def fvu(y: Float[Tensor, "batch d"], y_hat: Float[Tensor, "*prefix batch d"]) -> Tensor:
+    """Fraction of variance unexplained, `sum((y - y_hat)^2) / sum((y - mean_batch(y))^2)`.
+    A leading prefix dimension on `y_hat` gives one FVU per prefix."""
+    total_variance = (y - y.mean(0)).pow(2).sum()
+    return (y - y_hat).pow(2).sum(dim=(-2, -1)) / total_variance
+
+
+def aux_k_loss(
+    pre_acts: Float[Tensor, "batch d_sae"],
+    dead_mask: Float[Tensor, " d_sae"],
+    k_aux: int,
+    W_dec: Float[Tensor, "d_sae d_out"],
+    residual: Float[Tensor, "batch d_out"],
+) -> Tensor:
+    """AuxK: reconstruct the (detached) residual from the `k_aux` largest dead pre-activations
+    of each token, decoded without bias; normalised by the residual's variance. Zero when no
+    latent is dead."""
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0:
+        return pre_acts.new_zeros(())
+    candidates = torch.where(dead_mask, pre_acts, -1.0)  # live latents can never be picked
+    values, indices = candidates.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    aux_reconstruction = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    return fvu(residual, aux_reconstruction)
+
+
+# ---------------------------------------------------------------------- the module
+@dataclass
+class TrainingOutput:
+    """What one training forward pass returns. Tensors stay on the device (no host sync)."""
+
+    loss: Tensor
+    fvu_per_prefix: Tensor  # [G]
+    aux_loss: Tensor
+    l0: Tensor  # mean active latents per token
+    n_dead: Tensor
+    d_sae: int
+
+    def metrics(self) -> dict[str, float]:
+        """The brief's metric names as Python floats (this syncs with the device)."""
+        per_prefix = self.fvu_per_prefix.detach().float().cpu()
+        out = {"loss": float(self.loss.detach()), "fvu": float(per_prefix[-1])}
+        out.update({f"fvu/prefix_{g + 1}": float(v) for g, v in enumerate(per_prefix)})
+        out.update(fvu_min=float(per_prefix.min()), fvu_mean=float(per_prefix.mean()),
+                   fvu_max=float(per_prefix.max()), l0=float(self.l0), aux_loss=float(self.aux_loss),
+                   dead=int(self.n_dead), dead_pct=100.0 * float(self.n_dead) / self.d_sae)
+        return out
+
+
+class MatryoshkaTranscoder(nn.Module):
+    """A transcoder whose latents are nested in prefixes (see the module docstring for the maths).
+
+    `prefix` arguments count groups: `prefix=g` uses the first `cfg.prefix_sizes[g - 1]` latents;
+    `None` uses all of them. Inputs may be `[batch, d]` or `[batch, seq, d]`.
+    """
+
+    def __init__(self, cfg: TranscoderConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        dtype = torch_dtype(cfg.dtype)
+        kw = dict(device=device, dtype=dtype)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_out, **kw)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(torch.randn(cfg.d_in, cfg.d_sae, **kw) / cfg.d_in**0.5)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, **kw))
+        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out, **kw)) if cfg.skip_connection else None
+        # 0 means "not estimated yet": the first training step sets it directly.
+        self.register_buffer("threshold", torch.zeros((), **kw))
+        # Firing counters are trainer state (saved with checkpoints), not weights.
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device),
+                             persistent=False)
+        weights = torch.tensor(cfg.prefix_weights or [1.0] * cfg.n_prefixes, **kw)
+        self.register_buffer("prefix_weights", weights / weights.sum(), persistent=False)
+
+    # ------------------------------------------------------------------ input checks
+    def _as_tokens(self, t: Tensor, width: int, name: str) -> Tensor:
+        """Flatten `[..., width]` to `[tokens, width]`, with errors that say what was expected."""
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim not in (2, 3) or t.shape[-1] != width:
+            raise ValueError(f"{name} must have shape [batch, {width}] or [batch, seq, {width}], "
+                             f"got {list(t.shape)}")
+        if t.dtype != self.W_enc.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name} has dtype {t.dtype} but the transcoder's parameters are "
+                            f"{self.W_enc.dtype}; convert with {name}.to({self.W_enc.dtype})")
+        if t.device != self.W_enc.device:
+            raise ValueError(f"{name} is on {t.device} but the transcoder is on {self.W_enc.device}; "
+                             f"move it with {name}.to('{self.W_enc.device}')")
+        return t.reshape(-1, width)
+
+    def _prefix_size(self, prefix: int | None) -> int:
+        if prefix is None:
+            return self.cfg.d_sae
+        if not 1 <= prefix <= self.cfg.n_prefixes:
+            raise ValueError(f"prefix must be between 1 and {self.cfg.n_prefixes} (number of groups), got {prefix}")
+        return self.cfg.prefix_sizes[prefix - 1]
+
+    # ------------------------------------------------------------------ inference
+    def pre_activations(self, x: Float[Tensor, "... d_in"], prefix: int | None = None) -> Tensor:
+        m = self._prefix_size(prefix)
+        return F.relu(self._as_tokens(x, self.cfg.d_in, "x") @ self.W_enc[:, :m] + self.b_enc[:m])
+
+    def encode(self, x: Float[Tensor, "... d_in"], prefix: int | None = None) -> Float[Tensor, "... m"]:
+        """JumpReLU latent activations (dense layout) of the first `prefix` groups."""
+        a = self.pre_activations(x, prefix)
+        return (a * (a > self.threshold)).reshape(*x.shape[:-1], a.shape[-1])
+
+    def decode(self, z: Float[Tensor, "... m"], prefix: int | None = None) -> Float[Tensor, "... d_out"]:
+        """Reconstruction from the first `prefix` groups of latents (the skip path is not included:
+        it needs `x`, see `forward`)."""
+        m = self._prefix_size(prefix)
+        if z.shape[-1] < m:
+            raise ValueError(f"z has {z.shape[-1]} latents but prefix {prefix} needs the first {m}")
+        flat = z.reshape(-1, z.shape[-1])[:, :m]
+        return (flat @ self.W_dec[:m] + self.b_dec).reshape(*z.shape[:-1], self.cfg.d_out)
+
+    def forward(self, x: Float[Tensor, "... d_in"], prefix: int | None = None) -> Float[Tensor, "... d_out"]:
+        """Inference reconstruction of the target from the source activations."""
+        y_hat = self.decode(self.encode(x, prefix), prefix)
+        if self.W_skip is not None:
+            y_hat = y_hat + x @ self.W_skip
+        return y_hat
+
+    # ------------------------------------------------------------------ training
+    def training_forward(self, x: Float[Tensor, "... d_in"], y: Float[Tensor, "... d_out"],
+                         update_stats: bool = True) -> TrainingOutput:
+        """Loss and metrics of one batch. With `update_stats`, also moves the threshold estimate and
+        the firing counters (call it once per optimiser step)."""
+        x = self._as_tokens(x, self.cfg.d_in, "x")
+        y = self._as_tokens(y, self.cfg.d_out, "y")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y must hold the same tokens, got {x.shape[0]} and {y.shape[0]}")
+        pre_acts = F.relu(x @ self.W_enc + self.b_enc)
+        z, smallest_kept = batch_topk(pre_acts, self.cfg.k)
+        y_hats = decode_prefixes(z, self.W_dec, self.b_dec, self.cfg.prefix_sizes)
+        if self.W_skip is not None:
+            y_hats = y_hats + x @ self.W_skip
+        fvu_per_prefix = fvu(y, y_hats)
+        main = (fvu_per_prefix * self.prefix_weights).sum()
+
+        dead_mask = self.tokens_since_fired >= self.cfg.dead_after_tokens
+        aux = aux_k_loss(pre_acts, dead_mask, self.cfg.k_aux, self.W_dec, (y - y_hats[-1]).detach())
+
+        if update_stats:
+            self._update_stats(z, smallest_kept)
+        return TrainingOutput(
+            loss=main + self.cfg.aux_coeff * aux,
+            fvu_per_prefix=fvu_per_prefix.detach(),
+            aux_loss=aux.detach(),
+            l0=(z > 0).sum(-1).float().mean(),
+            n_dead=dead_mask.sum(),
+            d_sae=self.cfg.d_sae,
+        )
+
+    @torch.no_grad()
+    def _update_stats(self, z: Tensor, smallest_kept: Tensor) -> None:
+        if torch.isfinite(smallest_kept):
+            m = self.cfg.threshold_momentum
+            first = self.threshold == 0
+            self.threshold.copy_(torch.where(first, smallest_kept, m * self.threshold + (1 - m) * smallest_kept))
+        fired = (z > 0).any(0)
+        self.tokens_since_fired.add_(z.shape[0]).masked_fill_(fired, 0)
+
+    @torch.no_grad()
+    def init_b_dec(self, y: Float[Tensor, "... d_out"]) -> None:
+        """Set `b_dec` to the mean of a sample of targets (call once before training)."""
+        self.b_dec.copy_(self._as_tokens(y, self.cfg.d_out, "y").mean(0))
+
+    # ------------------------------------------------------------------ decoder-norm constraint
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each decoder row (call before the optimiser step)."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit L2 norm (call after the optimiser step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from mtc import TranscoderConfig
+
+
+def small(**changes):
+    base = dict(d_in=16, d_out=12, d_sae=64, prefix_sizes=[8, 32, 64], k=4, batch_size=32,
+                total_tokens=3200, warmup_steps=10)
+    base.update(changes)
+    return TranscoderConfig(**base)
+
+
+def test_json_round_trip_is_lossless():
+    cfg = small(dtype=torch.bfloat16, model_dtype="float16", prefix_weights=[1, 2, 3], adam_betas=[0.8, 0.95],
+                skip_connection=True)
+    assert cfg.dtype == "bfloat16"
+    again = TranscoderConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(again.to_json()) == json.loads(cfg.to_json())
+
+
+def test_save_and_load_file(tmp_path):
+    cfg = small(seed=7, run_name="layer-3")
+    cfg.save(tmp_path / "config.json")
+    assert TranscoderConfig.load(tmp_path / "config.json") == cfg
+
+
+def test_default_prefix_sizes_is_plain_batchtopk():
+    cfg = TranscoderConfig(d_sae=128, k=8, prefix_sizes=[])
+    assert cfg.prefix_sizes == [128]
+    assert cfg.group_sizes == [128]
+    assert small().group_sizes == [8, 24, 32]
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(prefix_sizes=[8, 8, 64]), "prefix_sizes"),          # not strictly increasing
+    (dict(prefix_sizes=[32, 8, 64]), "prefix_sizes"),
+    (dict(prefix_sizes=[8, 32]), "prefix_sizes"),             # does not end at d_sae
+    (dict(prefix_sizes=[0, 64]), "prefix_sizes"),
+    (dict(k=0), "k"),
+    (dict(k=65), "k"),
+    (dict(d_sae=0, prefix_sizes=[]), "d_sae"),
+    (dict(d_in=-3), "d_in"),
+    (dict(d_out=2.5), "d_out"),
+    (dict(lr=0.0), "lr"),
+    (dict(lr=-1e-3), "lr"),
+    (dict(lr=float("nan")), "lr"),
+    (dict(min_lr=1.0), "min_lr"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(total_tokens=16), "total_tokens"),                 # fewer tokens than one batch
+    (dict(warmup_steps=101), "warmup_steps"),                # run has 100 steps
+    (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(dtype="float8"), "dtype"),
+    (dict(model_dtype="half-ish"), "model_dtype"),
+    (dict(activation_dtype="int8"), "activation_dtype"),
+    (dict(aux_coeff=-0.1), "aux_coeff"),
+    (dict(threshold_momentum=1.0), "threshold_momentum"),
+    (dict(prefix_weights=[1.0, 1.0]), "prefix_weights"),
+    (dict(prefix_weights=[1.0, -1.0, 1.0]), "prefix_weights"),
+    (dict(adam_betas=(0.9, 1.5)), "adam_betas"),
+    (dict(grad_clip=0), "grad_clip"),
+    (dict(k_aux=0), "k_aux"),
+    (dict(run_name="a/b"), "run_name"),
+])
+def test_invalid_settings_raise_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=rf"TranscoderConfig\.{field}:"):
+        small(**changes)
+
+
+def test_unknown_json_field_is_named():
+    data = small().to_dict()
+    data["d_hidden"] = 3
+    with pytest.raises(ValueError, match="d_hidden"):
+        TranscoderConfig.from_dict(data)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        TranscoderConfig.load(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        TranscoderConfig.load(tmp_path / "config.json")

@@ -1,0 +1,236 @@
+import time
+
+import pytest
+import torch
+
+from mtc import MatryoshkaTranscoder, TranscoderConfig
+from mtc.transcoder import batch_topk, decode_prefixes
+
+
+def make(**changes):
+    base = dict(d_in=16, d_out=12, d_sae=64, prefix_sizes=[8, 24, 64], k=4, k_aux=8, batch_size=32,
+                total_tokens=3200, warmup_steps=0)
+    base.update(changes)
+    return MatryoshkaTranscoder(TranscoderConfig(**base))
+
+
+def randomise(model):
+    """Give every parameter non-trivial values so tests do not pass on zeros."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        model.normalize_decoder()
+    return model
+
+
+def reference_fvu(y, y_hat):
+    y, y_hat = y.double(), y_hat.double()
+    return ((y - y_hat) ** 2).sum() / ((y - y.mean(0, keepdim=True)) ** 2).sum()
+
+
+def test_batch_topk_keeps_exactly_k_times_batch_largest():
+    pre = torch.rand(32, 64) + 0.01
+    z, smallest = batch_topk(pre, k=5)
+    kept = z != 0
+    assert int(kept.sum()) == 5 * 32
+    assert torch.equal(z[kept], pre[kept])
+    assert pre[kept].min() >= pre[~kept].max()
+    assert smallest == pre[kept].min()
+    assert (kept.sum(1) != 5).any(), "BatchTopK should let tokens differ in count (else it is per-token TopK)"
+
+
+def test_prefix_reconstructions_equal_decoding_first_latents_only():
+    model = randomise(make())
+    z = torch.relu(torch.randn(10, 64))
+    y_hats = decode_prefixes(z, model.W_dec, model.b_dec, model.cfg.prefix_sizes)
+    for g, m in enumerate(model.cfg.prefix_sizes):
+        expected = z[:, :m].double() @ model.W_dec[:m].double() + model.b_dec.double()
+        torch.testing.assert_close(y_hats[g].double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.decode(z, prefix=g + 1).double(), expected, rtol=1e-5, atol=1e-5)
+        # latents beyond the prefix have no influence
+        z_changed = z.clone()
+        z_changed[:, m:] = 100.0
+        torch.testing.assert_close(model.decode(z_changed, prefix=g + 1), model.decode(z, prefix=g + 1))
+
+
+def test_loss_is_mean_of_independently_computed_prefix_fvus():
+    model = randomise(make())
+    x, y = torch.randn(32, 16), torch.randn(32, 12)
+    out = model.training_forward(x, y)
+
+    pre = torch.relu(x.double() @ model.W_enc.double() + model.b_enc.double())
+    cutoff = pre.flatten().sort(descending=True).values[4 * 32 - 1]
+    z = torch.where(pre >= cutoff, pre, 0.0)
+    fvus = torch.stack([reference_fvu(y, z[:, :m] @ model.W_dec[:m].double() + model.b_dec.double())
+                        for m in model.cfg.prefix_sizes])
+    torch.testing.assert_close(out.fvu_per_prefix.double(), fvus, rtol=1e-4, atol=1e-5)
+    assert float(out.aux_loss) == 0.0  # nothing is dead yet
+    torch.testing.assert_close(out.loss.double(), fvus.mean(), rtol=1e-4, atol=1e-5)
+    metrics = out.metrics()
+    assert metrics["fvu"] == pytest.approx(float(fvus[-1].detach()), rel=1e-4)
+    assert metrics["fvu_max"] == pytest.approx(float(fvus.max().detach()), rel=1e-4)
+    assert metrics["l0"] == pytest.approx(4.0)
+    assert {"fvu/prefix_1", "fvu/prefix_2", "fvu/prefix_3", "fvu_min", "fvu_mean", "aux_loss", "dead_pct"} <= set(metrics)
+
+
+@pytest.mark.parametrize("g", [1, 2, 3])
+def test_every_prefix_term_sends_gradient_to_the_first_group(g):
+    weights = [0.0, 0.0, 0.0]
+    weights[g - 1] = 1.0
+    model = randomise(make(prefix_weights=weights))
+    x, y = torch.randn(32, 16), torch.randn(32, 12)
+    model.training_forward(x, y).loss.backward()
+    first_group_grad = model.W_dec.grad[:8].abs().sum(1)
+    assert (first_group_grad > 0).any(), f"prefix {g}'s loss term does not reach group 1"
+    m = model.cfg.prefix_sizes[g - 1]
+    assert model.W_dec.grad[m:].abs().sum() == 0, f"prefix {g} must not use latents beyond {m}"
+
+
+def test_decoder_rows_stay_unit_norm_and_parallel_gradient_is_removed():
+    model = make()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        out = model.training_forward(torch.randn(32, 16), torch.randn(32, 12))
+        opt.zero_grad()
+        out.loss.backward()
+        model.remove_parallel_decoder_grad()
+        parallel = (model.W_dec.grad * model.W_dec).sum(1)
+        assert parallel.abs().max() < 1e-6
+        opt.step()
+        model.normalize_decoder()
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_threshold_converges_on_stationary_input_and_gives_about_k_at_inference():
+    model = randomise(make(threshold_momentum=0.95))
+    model.threshold.fill_(0.0)
+    smallest_kept = []
+    with torch.no_grad():
+        for _ in range(300):
+            x = torch.randn(256, 16)
+            pre = model.pre_activations(x)
+            smallest_kept.append(float(batch_topk(pre, 4)[1]))
+            model.training_forward(x, torch.randn(256, 12))
+    target = torch.tensor(smallest_kept[-100:]).mean()
+    assert abs(float(model.threshold) - float(target)) < 0.05 * float(target)
+    model.eval()
+    l0 = (model.encode(torch.randn(4096, 16)) > 0).sum(-1).float().mean()
+    assert 3.0 < float(l0) < 5.0
+
+
+def test_inference_is_per_token():
+    model = randomise(make())
+    model.threshold.fill_(0.3)
+    x = torch.randn(20, 16)
+    together = model(x)
+    alone = torch.cat([model(x[i:i + 1]) for i in range(20)])
+    torch.testing.assert_close(together, alone)
+    # and a token's code is the same whatever batch it sits in
+    torch.testing.assert_close(model.encode(x)[3], model.encode(torch.cat([x[3:4], torch.randn(7, 16)]))[0])
+
+
+def test_jumprelu_zeroes_activations_below_threshold():
+    model = randomise(make())
+    model.threshold.fill_(0.5)
+    x = torch.randn(50, 16)
+    a, z = model.pre_activations(x), model.encode(x)
+    assert torch.equal(z, torch.where(a > 0.5, a, 0.0))
+    assert model.encode(x, prefix=1).shape == (50, 8)
+
+
+def test_sequence_inputs_and_skip_connection():
+    model = randomise(make(skip_connection=True))
+    x = torch.randn(3, 5, 16)
+    y_hat = model(x)
+    assert y_hat.shape == (3, 5, 12)
+    torch.testing.assert_close(y_hat.reshape(15, 12), model(x.reshape(15, 16)))
+    expected = model.decode(model.encode(x)) + x @ model.W_skip
+    torch.testing.assert_close(y_hat, expected)
+    out = model.training_forward(x, torch.randn(3, 5, 12))
+    out.loss.backward()
+    assert model.W_skip.grad.abs().sum() > 0
+
+
+def test_aux_loss_revives_dead_latents():
+    model = randomise(make(dead_after_tokens=10))
+    x, y = torch.randn(32, 16), torch.randn(32, 12)
+    model.tokens_since_fired[40:] = 1000  # latents 40.. are dead
+    out = model.training_forward(x, y)
+    assert int(out.n_dead) == 24 and float(out.aux_loss) > 0
+    out.loss.backward()
+    assert model.W_enc.grad[:, 40:].abs().sum() > 0
+
+
+def test_firing_counters_count_tokens_since_last_fire():
+    model = randomise(make())
+    x, y = torch.randn(32, 16), torch.randn(32, 12)
+    z_fired = model.training_forward(x, y)  # noqa: F841
+    pre = model.pre_activations(x)
+    fired = batch_topk(pre, 4)[0].gt(0).any(0)
+    assert torch.equal(model.tokens_since_fired == 0, fired)
+    assert (model.tokens_since_fired[~fired] == 32).all()
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(4, 15), r"x must have shape \[batch, 16\]"),
+    (torch.randn(16), r"x must have shape"),
+    (torch.randn(4, 16, dtype=torch.float64), "dtype"),
+    ([[0.0] * 16], "torch.Tensor"),
+])
+def test_bad_inputs_raise_clear_errors(x, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()(x)
+
+
+def test_mismatched_batches_and_prefixes():
+    model = make()
+    with pytest.raises(ValueError, match="same tokens"):
+        model.training_forward(torch.randn(4, 16), torch.randn(5, 12))
+    with pytest.raises(ValueError, match="y must have shape"):
+        model.training_forward(torch.randn(4, 16), torch.randn(4, 16))
+    with pytest.raises(ValueError, match="prefix must be between 1 and 3"):
+        model(torch.randn(4, 16), prefix=4)
+    with pytest.raises(ValueError, match="needs the first 24"):
+        model.decode(torch.randn(4, 8), prefix=2)
+
+
+def planted_data(n_features=64, d_in=48, d_out=40, seed=0):
+    """y = sparse latents of x: both are linear read-outs of the same sparse, Zipf-frequent features."""
+    gen = torch.Generator().manual_seed(seed)
+    D_in = torch.nn.functional.normalize(torch.randn(n_features, d_in, generator=gen), dim=1)
+    D_out = torch.randn(n_features, d_out, generator=gen)
+    freq = 0.3 / torch.arange(1, n_features + 1).float() ** 0.5
+
+    def sample(batch):
+        active = torch.rand(batch, n_features, generator=gen) < freq
+        s = active * (torch.rand(batch, n_features, generator=gen) + 0.5)
+        return s @ D_in, s @ D_out
+
+    return sample
+
+
+def test_learns_planted_sparse_structure():
+    start = time.perf_counter()
+    sample = planted_data()
+    cfg = TranscoderConfig(d_in=48, d_out=40, d_sae=128, prefix_sizes=[16, 64, 128], k=8, k_aux=16,
+                           dead_after_tokens=20_000, batch_size=512, total_tokens=512 * 1500, lr=3e-3,
+                           warmup_steps=0)
+    model = MatryoshkaTranscoder(cfg)
+    model.init_b_dec(sample(4096)[1])
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    for _ in range(cfg.total_steps):
+        out = model.training_forward(*sample(cfg.batch_size))
+        opt.zero_grad()
+        out.loss.backward()
+        model.remove_parallel_decoder_grad()
+        opt.step()
+        model.normalize_decoder()
+    assert out.metrics()["fvu"] < 0.1
+
+    model.eval()
+    x, y = sample(4096)
+    with torch.no_grad():
+        held_out = [float(reference_fvu(y, model(x, prefix=g))) for g in (1, 2, 3)]
+    assert held_out[-1] < 0.1, held_out
+    assert held_out[0] > held_out[1] > held_out[2], "coarse-to-fine: longer prefixes must reconstruct better"
+    assert time.perf_counter() - start < 60
