@@ -1,0 +1,191 @@
+"""The activation store: shuffled (source, target) token activations from a language model.
+
+One forward pass, stopped after the deepest hook needed (`stop_at_layer`, no logits), feeds every hook
+pair at once (several layers, cross-layer pairs). Activations of `buffer_tokens` tokens from many
+contexts are pooled and shuffled, then served in batches until the buffer is used up; then it refills.
+BOS and padding positions are dropped (their activations are outliers).
+
+Resumption is exact: the store's state is three counters (contexts consumed before the current fill,
+fill index, batches served from it). Restoring it re-reads the same contexts, recomputes the same
+fill, reshuffles it with the same seed and skips the batches already served.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import TranscoderConfig, torch_dtype
+from .data import load_documents, pack_contexts, special_token_ids
+from .language_model import stop_layer, validate_hooks
+
+
+@dataclass
+class ActivationBatch:
+    """One batch of token activations; `sources[i]`/`targets[i]` belong to hook pair `i`."""
+
+    sources: list[Tensor]  # [batch, d_in_i]
+    targets: list[Tensor]  # [batch, d_out_i]
+    context_ids: Tensor  # [batch] index of the context in the token stream
+    positions: Tensor  # [batch] position within that context
+
+
+class ActivationStore:
+    """Serves `ActivationBatch`es for `hook_pairs` from contexts produced by `make_contexts()`.
+
+    `make_contexts` returns a fresh iterator over `[seq_len]` token tensors, always in the same order
+    (the store re-creates it to resume). `exclude_token_ids` are never served (BOS, padding).
+    """
+
+    def __init__(
+        self,
+        bridge,
+        make_contexts: Callable[[], Iterable[Tensor]],
+        hook_pairs: list[tuple[str, str]],
+        *,
+        batch_size: int,
+        buffer_tokens: int,
+        model_batch_size: int,
+        exclude_token_ids: Iterable[int],
+        buffer_device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ):
+        self.bridge = bridge
+        self.hook_pairs = [tuple(pair) for pair in hook_pairs]
+        self.hooks = list(dict.fromkeys(h for pair in self.hook_pairs for h in pair))
+        validate_hooks(bridge, self.hooks)
+        self.stop_at_layer = stop_layer(self.hooks)
+        self.make_contexts = make_contexts
+        self.batch_size = batch_size
+        self.buffer_tokens = max(buffer_tokens, batch_size)
+        self.model_batch_size = model_batch_size
+        self.exclude_token_ids = torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long)
+        self.buffer_device = torch.device(buffer_device)
+        self.dtype = dtype
+        self.seed = seed
+        # position in the stream (the whole state)
+        self.contexts_before_fill = 0
+        self.fill_index = -1
+        self.batches_served = 0
+        # working data, rebuilt from the state
+        self._contexts: Iterator[tuple[int, Tensor]] | None = None
+        self._buffer: dict[str, Tensor] = {}
+        self._order: Tensor | None = None
+        self._contexts_in_fill = 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, int]:
+        return {"contexts_before_fill": self.contexts_before_fill, "fill_index": self.fill_index,
+                "batches_served": self.batches_served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"activation-store state was saved with seed {state['seed']}, this store has "
+                             f"seed {self.seed}; resume with the run's own config")
+        self.contexts_before_fill = state["contexts_before_fill"]
+        self.fill_index = state["fill_index"]
+        self.batches_served = state["batches_served"]
+        self._contexts, self._order = None, None
+        if self.fill_index >= 0:
+            self._open_stream(skip=self.contexts_before_fill)
+            self._fill()
+
+    # ------------------------------------------------------------------ serving
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        while True:
+            yield self.next_batch()
+
+    def next_batch(self) -> ActivationBatch:
+        if self._order is None or (self.batches_served + 1) * self.batch_size > len(self._order):
+            self._next_fill()
+        rows = self._order[self.batches_served * self.batch_size:(self.batches_served + 1) * self.batch_size]
+        self.batches_served += 1
+        take = {hook: acts[rows] for hook, acts in self._buffer.items()}
+        return ActivationBatch(sources=[take[s] for s, _ in self.hook_pairs],
+                               targets=[take[t] for _, t in self.hook_pairs],
+                               context_ids=self._buffer_ids[rows], positions=self._buffer_pos[rows])
+
+    # ------------------------------------------------------------------ filling
+    def _open_stream(self, skip: int) -> None:
+        numbered = enumerate(self.make_contexts())
+        self._contexts = itertools.islice(numbered, skip, None)
+
+    def _next_fill(self) -> None:
+        if self._contexts is None:
+            self._open_stream(skip=self.contexts_before_fill)
+        if self.fill_index >= 0:
+            self.contexts_before_fill += self._contexts_in_fill
+        self.fill_index += 1
+        self.batches_served = 0
+        self._fill()
+
+    def _fill(self) -> None:
+        """Run the model over enough contexts for one buffer and shuffle the result."""
+        ids, contexts, tokens_held = [], [], 0
+        for context_id, tokens in self._contexts:
+            ids.append(context_id)
+            contexts.append(tokens)
+            tokens_held += len(tokens) - 1
+            if tokens_held >= self.buffer_tokens:
+                break
+        if not contexts:
+            raise RuntimeError("the token stream is exhausted: the dataset holds fewer tokens than the run "
+                               "needs; lower total_tokens or use a larger dataset")
+        self._contexts_in_fill = len(contexts)
+        tokens = torch.stack(contexts)
+        keep = ~torch.isin(tokens, self.exclude_token_ids)
+        chunks = {hook: [] for hook in self.hooks}
+        for start in range(0, len(tokens), self.model_batch_size):
+            for hook, acts in self.run_model(tokens[start:start + self.model_batch_size]).items():
+                chunks[hook].append(acts[keep[start:start + self.model_batch_size].to(acts.device)]
+                                    .to(self.buffer_device, self.dtype))
+        self._buffer = {hook: torch.cat(parts) for hook, parts in chunks.items()}
+        context_ids = torch.tensor(ids).unsqueeze(1).expand_as(tokens)
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        self._buffer_ids = context_ids[keep].to(self.buffer_device)
+        self._buffer_pos = positions[keep].to(self.buffer_device)
+        n = len(self._buffer_ids)
+        if n < self.batch_size:
+            raise RuntimeError(f"one buffer fill gave {n} tokens, fewer than batch_size={self.batch_size}; "
+                               "the dataset is too small for this batch size")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.fill_index)
+        self._order = torch.randperm(n, generator=generator).to(self.buffer_device)
+
+    @torch.no_grad()  # not inference_mode: served tensors must be usable in autograd
+    def run_model(self, tokens: Tensor) -> dict[str, Tensor]:
+        """Activations `[contexts, seq, d]` of every hook, from one pass stopped after the deepest hook."""
+        tokens = tokens.to(self.bridge.cfg.device)
+        _, cache = self.bridge.run_with_cache(tokens, names_filter=self.hooks, stop_at_layer=self.stop_at_layer)
+        return {hook: cache[hook] for hook in self.hooks}
+
+
+def build_store(bridge, configs: list[TranscoderConfig], buffer_device: str | torch.device = "cpu") -> ActivationStore:
+    """The store that feeds every transcoder in `configs` from one pass of `bridge` (they must agree
+    on model, data, batch and buffer settings)."""
+    first = configs[0]
+    shared = ("model_name", "dataset", "dataset_split", "text_column", "seq_len", "batch_size",
+              "model_batch_size", "buffer_tokens", "activation_dtype", "seed")
+    for cfg in configs[1:]:
+        for name in shared:
+            if getattr(cfg, name) != getattr(first, name):
+                raise ValueError(f"transcoders trained from one store must share {name}: "
+                                 f"{getattr(first, name)!r} vs {getattr(cfg, name)!r}")
+    tokenizer = bridge.tokenizer
+    bos, _ = special_token_ids(tokenizer)
+    excluded = {bos} | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
+
+    def make_contexts():
+        documents = load_documents(first.dataset, first.dataset_split, first.text_column)
+        return pack_contexts(documents, tokenizer, first.seq_len)
+
+    load_documents(first.dataset, first.dataset_split, first.text_column)  # bad paths fail here, not mid-run
+
+    return ActivationStore(bridge, make_contexts, [(c.source_hook, c.target_hook) for c in configs],
+                           batch_size=first.batch_size, buffer_tokens=first.buffer_tokens,
+                           model_batch_size=first.model_batch_size, exclude_token_ids=excluded,
+                           buffer_device=buffer_device, dtype=torch_dtype(first.activation_dtype), seed=first.seed)

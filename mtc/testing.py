@@ -1,0 +1,71 @@
+"""Tiny random language models built offline, for tests and quick CPU runs.
+
+`tiny_model(folder, arch)` writes a small `transformers` model (Gemma-2, Gemma-3 or GPT-2 architecture)
+and a small byte-level BPE tokenizer into `folder`, with no network access. The folder loads like any
+Hugging Face model folder, so every code path (hook resolution, the activation store, training) is
+exercised exactly as with a real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_ARCHS = ("gemma2", "gemma3", "gpt2")
+
+_TOKENIZER_TEXT = [
+    "the quick brown fox jumps over the lazy dog while a transcoder reads the residual stream",
+    "def f(x): return x * 2  # a function in Python with a comment and some numbers 0123456789",
+    "Sparse latents reconstruct the MLP output; every prefix of the Matryoshka must do it alone.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer with Gemma's special-token ids (pad 0, eos 1, bos 2, unk 3) that adds
+    BOS like Gemma's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_TOKENIZER_TEXT * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_model(folder: str | Path, arch: str = "gemma2", n_layers: int = 3, d_model: int = 64,
+               seed: int = 0) -> Path:
+    """Write a random `arch` model with `n_layers` layers of width `d_model`, and its tokenizer, to
+    `folder`; returns the folder. Norm weights are perturbed so that normalisation hooks differ from
+    their inputs."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    gemma = dict(hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=n_layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=d_model // 4,
+                 max_position_embeddings=512, sliding_window=64, query_pre_attn_scalar=d_model // 4, **ids)
+    torch.manual_seed(seed)
+    if arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**gemma))
+    elif arch == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**gemma))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=512,
+                                           n_inner=4 * d_model, **ids))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and ("norm" in name or ".ln_" in name):
+                param.add_(torch.randn_like(param) * 0.3)
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
