@@ -13,6 +13,7 @@ fill, reshuffles it with the same seed and skips the batches already served.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -158,10 +159,20 @@ class ActivationStore:
 
     @torch.no_grad()  # not inference_mode: served tensors must be usable in autograd
     def run_model(self, tokens: Tensor) -> dict[str, Tensor]:
-        """Activations `[contexts, seq, d]` of every hook, from one pass stopped after the deepest hook."""
+        """Activations `[contexts, seq, d]` of every hook, from one pass stopped after the deepest hook.
+
+        A float16 model (GPUs without native bfloat16, such as the T4) can overflow; then the model is
+        switched to float32 for the rest of the run and the pass is repeated."""
         tokens = tokens.to(self.bridge.cfg.device)
         _, cache = self.bridge.run_with_cache(tokens, names_filter=self.hooks, stop_at_layer=self.stop_at_layer)
-        return {hook: cache[hook] for hook in self.hooks}
+        acts = {hook: cache[hook] for hook in self.hooks}
+        if next(self.bridge.parameters()).dtype == torch.float16 and not all(
+                torch.isfinite(a).all() for a in acts.values()):
+            warnings.warn("the language model overflowed in float16; switching it to float32 for the rest of "
+                          "the run (slower; set model_dtype='float32' to start that way)", stacklevel=2)
+            self.bridge.to(torch.float32)
+            return self.run_model(tokens)
+        return acts
 
 
 def build_store(bridge, configs: list[TranscoderConfig], buffer_device: str | torch.device = "cpu") -> ActivationStore:

@@ -6,7 +6,10 @@ leaves a half-written file where a good one was.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -71,3 +74,90 @@ def check_state_matches(model: MatryoshkaTranscoder, tensors: dict[str, torch.Te
                          f"d_sae={cfg.d_sae}, skip_connection={cfg.skip_connection}, dtype={cfg.dtype}): "
                          + "; ".join(problems) + ". Use the config.json saved with these weights.")
 
+
+
+# ---------------------------------------------------------------------- run checkpoints
+# <run_dir>/checkpoints/step_<N>/{model.safetensors, trainer_state.pt, meta.json}. A step folder is
+# written under a hidden temporary name and renamed when complete, so every `step_<N>` is whole.
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+META_FILE = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# Settings that may change between a run and its resumption without changing its results.
+RESUMABLE_CHANGES = {"total_tokens", "output_dir", "drive_dir", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "wandb_mode", "wandb_project", "wandb_entity",
+                     "wandb_log_checkpoints", "device", "run_name"}
+
+
+def write_checkpoint(run_dir: Path, step: int, model: MatryoshkaTranscoder, trainer_state: dict,
+                     meta: dict) -> Path:
+    """Write checkpoint `step` of a run atomically; returns its folder."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save(model, tmp)  # model.safetensors + config.json
+    torch.save(trainer_state, tmp / STATE_FILE)
+    atomic_write_bytes(tmp / META_FILE, json.dumps({"step": step, **meta}, indent=2).encode())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / META_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and leftovers of interrupted writes."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = Path(run_dir) / CHECKPOINTS
+    for leftover in root.glob(".tmp-*") if root.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, device: torch.device | str | None = None) -> tuple[MatryoshkaTranscoder, dict, dict]:
+    """(model, trainer_state, meta) of a checkpoint folder."""
+    path = Path(path)
+    model = load(path, device=device)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    meta = json.loads((path / META_FILE).read_text())
+    return model, state, meta
+
+
+def config_differences(saved: TranscoderConfig, current: TranscoderConfig) -> list[str]:
+    """Fields whose change would make a resumed run differ from the original."""
+    a, b = saved.to_dict(), current.to_dict()
+    return [f"{name}: checkpoint has {a[name]!r}, now {b[name]!r}" for name in a
+            if name not in RESUMABLE_CHANGES and a[name] != b.get(name)]
+
+
+def copy_to_mirror(source: Path, mirror_root: Path, relative: str) -> None:
+    """Copy file or folder `source` to `mirror_root/relative`: into a temporary name first, then renamed,
+    so the mirror never holds a partial copy under the final name. Raises OSError on failure."""
+    target = Path(mirror_root) / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    if Path(source).is_dir():
+        shutil.copytree(source, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+    else:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)

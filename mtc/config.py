@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 def torch_dtype(name: str):
@@ -86,10 +87,18 @@ class TranscoderConfig:
     activation_dtype: str = "float32"  # activations kept in the shuffling buffer
     device: str = "auto"  # "auto" picks cuda when available, else cpu
 
-    # --- reproducibility and paths
+    # --- reproducibility, paths and logging
     seed: int = 0
     run_name: str = "mtc"
     output_dir: str = "runs"
+    drive_dir: str = "auto"  # mirror for checkpoints: "auto" (Google Drive in Colab), "none", or a path
+    log_every: int = 50  # steps between metric lines (metrics.jsonl, W&B, progress bar)
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept in checkpoints/ (final/ is kept too)
+    wandb_mode: str = "auto"  # "auto" (online with an API key, else offline), "online", "offline", "disabled"
+    wandb_project: str = "mtc"
+    wandb_entity: str = ""
+    wandb_log_checkpoints: bool = False  # upload checkpoints as W&B artifacts (online only)
 
     def __post_init__(self) -> None:
         for name in ("dtype", "model_dtype", "activation_dtype"):
@@ -125,8 +134,9 @@ class TranscoderConfig:
         def fail(name: str, problem: str, fix: str) -> None:
             raise ValueError(f"TranscoderConfig.{name}: {problem}; {fix}")
 
-        for name in ("d_in", "d_out", "d_sae", "k", "k_aux", "batch_size", "total_tokens",
-                     "seq_len", "model_batch_size", "buffer_tokens", "dead_after_tokens"):
+        for name in ("d_in", "d_out", "d_sae", "k", "k_aux", "batch_size", "total_tokens", "seq_len",
+                     "model_batch_size", "buffer_tokens", "dead_after_tokens", "log_every",
+                     "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, f"must be a positive integer, got {value!r}", "set it to an integer >= 1")
@@ -179,6 +189,10 @@ class TranscoderConfig:
                  "lower warmup_steps or raise total_tokens")
         if not self.source_hook or not self.target_hook:
             fail("source_hook", "source_hook and target_hook must both be named", "e.g. blocks.12.ln2.hook_normalized")
+        if self.seq_len < 2:
+            fail("seq_len", f"must be at least 2 (BOS plus one token), got {self.seq_len}", "128 is the usual choice")
+        if self.wandb_mode not in WANDB_MODES:
+            fail("wandb_mode", f"unknown mode {self.wandb_mode!r}", f"use one of {', '.join(WANDB_MODES)}")
         if not self.run_name or "/" in self.run_name:
             fail("run_name", f"must be a non-empty name without '/', got {self.run_name!r}", "e.g. gemma2-l12")
 

@@ -69,3 +69,40 @@ def tiny_model(folder: str | Path, arch: str = "gemma2", n_layers: int = 3, d_mo
     model.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class SyntheticStore:
+    """Serves planted sparse structure like an `ActivationStore`, without a language model: x and y are
+    linear read-outs of the same sparse, Zipf-frequent features. Batch `i` depends only on (seed, i), so
+    the state is one counter and resumption is exact."""
+
+    def __init__(self, d_in: int, d_out: int, batch_size: int, n_features: int = 64, n_pairs: int = 1,
+                 seed: int = 0):
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        self.features_in = torch.nn.functional.normalize(torch.randn(n_features, d_in, generator=gen), dim=1)
+        self.features_out = torch.randn(n_features, d_out, generator=gen)
+        self.frequency = 0.3 / torch.arange(1, n_features + 1).float() ** 0.5
+        self.batch_size, self.n_pairs, self.seed = batch_size, n_pairs, seed
+        self.batches_served = 0
+
+    def next_batch(self):
+        import torch
+
+        from .activations import ActivationBatch
+
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batches_served)
+        self.batches_served += 1
+        active = torch.rand(self.batch_size, len(self.frequency), generator=gen) < self.frequency
+        codes = active * (torch.rand(active.shape, generator=gen) + 0.5)
+        x, y = codes @ self.features_in, codes @ self.features_out
+        zeros = torch.zeros(self.batch_size, dtype=torch.long)
+        return ActivationBatch(sources=[x] * self.n_pairs, targets=[y] * self.n_pairs, context_ids=zeros,
+                               positions=zeros)
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self.batches_served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_served = state["batches_served"]

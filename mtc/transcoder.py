@@ -219,8 +219,20 @@ class MatryoshkaTranscoder(nn.Module):
         self.tokens_since_fired.add_(z.shape[0]).masked_fill_(fired, 0)
 
     @torch.no_grad()
-    def init_b_dec(self, y: Float[Tensor, "... d_out"]) -> None:
-        """Set `b_dec` to the mean of a sample of targets (call once before training)."""
+    def init_from_batch(self, x: Float[Tensor, "... d_in"], y: Float[Tensor, "... d_out"]) -> None:
+        """Data-dependent start, called once on a first batch before training:
+
+        - `b_dec` = the targets' mean;
+        - each encoder column is rescaled so its latent's pre-activation has unit variance on the batch;
+        - `b_enc = -mean(x) @ W_enc`, centring every pre-activation on the data.
+
+        Language-model activations share a large mean direction and are very anisotropic; without this,
+        the latents that happen to align with the mean or the high-variance directions win every
+        BatchTopK selection from the first step and most others never fire."""
+        x = self._as_tokens(x, self.cfg.d_in, "x")
+        centred = x - x.mean(0)
+        self.W_enc.div_((centred @ self.W_enc).std(0).clamp_min(1e-6))
+        self.b_enc.copy_(-(x.mean(0) @ self.W_enc))
         self.b_dec.copy_(self._as_tokens(y, self.cfg.d_out, "y").mean(0))
 
     # ------------------------------------------------------------------ decoder-norm constraint

@@ -115,3 +115,16 @@ def test_store_takes_any_context_source(gemma2_bridge):
                             model_batch_size=8, exclude_token_ids=[2])
     batch = store.next_batch()
     assert batch.sources[0].shape == (32, 64) and (batch.positions > 0).all()
+
+
+def test_float16_overflow_falls_back_to_float32(tiny_dirs):
+    from mtc.language_model import load_language_model
+
+    bridge = load_language_model(str(tiny_dirs["gemma2"]), dtype="float16")
+    with torch.no_grad():
+        bridge.original_model.model.embed_tokens.weight.fill_(1e4)  # x sqrt(d_model)=8 overflows float16 (max 65504)
+    store = build_store(bridge, [config()])
+    with pytest.warns(UserWarning, match="overflowed in float16"):
+        batch = store.next_batch()
+    assert next(bridge.parameters()).dtype == torch.float32
+    assert torch.isfinite(batch.sources[0]).all() and torch.isfinite(batch.targets[0]).all()

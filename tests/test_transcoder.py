@@ -216,7 +216,7 @@ def test_learns_planted_sparse_structure():
                            dead_after_tokens=20_000, batch_size=512, total_tokens=512 * 1500, lr=3e-3,
                            warmup_steps=0)
     model = MatryoshkaTranscoder(cfg)
-    model.init_b_dec(sample(4096)[1])
+    model.init_from_batch(*sample(4096))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     for _ in range(cfg.total_steps):
         out = model.training_forward(*sample(cfg.batch_size))
@@ -234,3 +234,18 @@ def test_learns_planted_sparse_structure():
     assert held_out[-1] < 0.1, held_out
     assert held_out[0] > held_out[1] > held_out[2], "coarse-to-fine: longer prefixes must reconstruct better"
     assert time.perf_counter() - start < 60
+
+
+def test_bias_init_centres_pre_activations_so_latents_are_not_born_dead():
+    """Activations with a large shared mean direction, as in language models."""
+    model = make(d_sae=256, prefix_sizes=[], k=4)
+    offset = torch.randn(16) * 10
+    x, y = torch.randn(512, 16) + offset, torch.randn(512, 12) + 3
+    fired_before = batch_topk(model.pre_activations(x), 4)[0].gt(0).any(0).sum()
+    model.init_from_batch(x, y)
+    pre = x @ model.W_enc + model.b_enc
+    torch.testing.assert_close(pre.mean(0), torch.zeros(256), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pre.std(0), torch.ones(256), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.b_dec, y.mean(0))
+    fired_after = batch_topk(model.pre_activations(x), 4)[0].gt(0).any(0).sum()
+    assert fired_after > 2 * fired_before and fired_after > 0.5 * 256

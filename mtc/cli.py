@@ -1,0 +1,136 @@
+"""`python -m mtc train ...`: every `TranscoderConfig` field is a flag (`--d-sae 4096`, `--no-skip-connection`).
+
+Settings are layered: preset < `--config` file < flags. `--layer N` sets the default hook pair of layer
+N (and, for Gemma-2-2B layers 8/12/17, picks that preset; for other layers, sizes derived from the
+model's width).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .config import TranscoderConfig
+
+LIST_FIELDS = {"prefix_sizes": int, "prefix_weights": float}
+
+
+def _field_default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; unset flags are absent from the parsed namespace."""
+    group = parser.add_argument_group("run settings (TranscoderConfig fields)")
+    for f in fields(TranscoderConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = _field_default(f)
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {default!r}")
+        if f.name in LIST_FIELDS:
+            group.add_argument(flag, nargs="+", type=LIST_FIELDS[f.name], **kw)
+        elif f.name == "adam_betas":
+            group.add_argument(flag, nargs=2, type=float, **kw)
+        elif isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            group.add_argument(flag, type=type(default), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mtc", description="Matryoshka transcoders.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train one or several transcoders",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--preset", help="named settings (see mtc/presets.py): demo, gemma2-2b-l8, -l12, -l17")
+    train.add_argument("--layer", type=int, help="train on this layer's MLP (default hook pair)")
+    train.add_argument("--config", action="append", default=[], metavar="JSON",
+                       help="a config.json to start from; repeat to train several transcoders from one pass")
+    train.add_argument("--resume", default="auto",
+                       help="'auto' (newest complete checkpoint, local or mirror), 'never', or a step_<N> folder")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_arguments(train)
+    return parser
+
+
+def config_settings(args: argparse.Namespace, d_model: int | None = None) -> list[dict]:
+    """The settings of every transcoder to train. Without `d_model` (before the model is loaded) a
+    `--layer` that has no preset keeps the config defaults for sizes; with it, sizes follow the width."""
+    from .language_model import default_hooks
+    from .presets import PRESETS, defaults_for_layer, matryoshka_prefixes, preset_for
+
+    flags = {f.name: getattr(args, f.name) for f in fields(TranscoderConfig) if hasattr(args, f.name)}
+    name = preset_for(args.preset, args.layer, flags.get("model_name"))
+    base = dict(PRESETS[name]) if name else {}
+    layer_hooks = {}
+    if args.layer is not None:
+        if not name and d_model is not None:
+            base.update(defaults_for_layer(args.layer, d_model))
+        layer_hooks = dict(zip(("source_hook", "target_hook"), default_hooks(args.layer)))
+    files = [json.loads(Path(path).read_text()) for path in args.config] or [{}]
+    settings = []
+    for data in files:
+        chosen = {**data, **flags}  # what the user set explicitly
+        merged = {**base, **data, **layer_hooks, **flags}
+        if "d_sae" in chosen and "prefix_sizes" not in chosen and "prefix_sizes" in base:
+            merged["prefix_sizes"] = matryoshka_prefixes(merged["d_sae"])
+        settings.append(merged)
+    return settings
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from .activations import build_store
+    from .colab import resolve_mirror_dir
+    from .language_model import fit_config_to_model, load_language_model
+    from .train import NonFiniteError, StopRequested, Trainer
+
+    configs = [TranscoderConfig(**s) for s in config_settings(args)]  # validate before loading a model
+    device = resolve_device(configs[0].device)
+    bridge = load_language_model(configs[0].model_name, device=device, dtype=configs[0].model_dtype)
+    configs = [TranscoderConfig(**s) for s in config_settings(args, d_model=bridge.cfg.d_model)]
+    configs = [fit_config_to_model(cfg, bridge) for cfg in configs]
+    for cfg in configs:
+        print(f"{cfg.run_name}: {cfg.model_name} {cfg.source_hook} -> {cfg.target_hook}, d_in={cfg.d_in} "
+              f"d_out={cfg.d_out} d_sae={cfg.d_sae} prefixes={cfg.prefix_sizes} k={cfg.k}, "
+              f"{cfg.total_steps} steps of {cfg.batch_size} tokens on {device}", file=sys.stderr)
+    store = build_store(bridge, configs, buffer_device=device)
+    mirrors = [resolve_mirror_dir(cfg.drive_dir, cfg.run_name) for cfg in configs]
+    trainer = Trainer(configs, store, device=device, mirror_dirs=mirrors, resume=args.resume,
+                      progress=not args.no_progress)
+    try:
+        results = trainer.train()
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except StopRequested as stop:
+        print(str(stop), file=sys.stderr)
+        return 128 + (trainer._stop_signal or 0)
+    for cfg, metrics, mirror in zip(configs, results, mirrors):
+        prefixes = " ".join(f"{metrics[f'fvu/prefix_{g}']:.3f}" for g in range(1, cfg.n_prefixes + 1))
+        print(f"{cfg.run_name}: final fvu={metrics['fvu']:.4f} (per prefix {prefixes}) l0={metrics['l0']:.1f} "
+              f"dead={metrics['dead_pct']:.1f}% tokens/s={metrics['tokens_per_s']:,.0f}")
+        print(f"run_dir: {cfg.run_dir}")
+        if mirror is not None:
+            print(f"mirror_dir: {mirror}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        try:
+            return train_command(args)
+        except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 2

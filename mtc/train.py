@@ -1,0 +1,297 @@
+"""Training one or several transcoders from one activation store.
+
+Each transcoder (a `TranscoderConfig`) has its own model, Adam optimiser, run dir, metrics and
+checkpoints; they share the store, so one language-model pass feeds them all. The loop is:
+
+    batch -> BatchTopK forward, nested-prefix loss + AuxK -> backward -> drop the decoder-parallel
+    gradient -> clip -> Adam with warmup + cosine learning rate -> renormalise decoder rows
+
+Checkpoints are atomic and resumable bit for bit: weights, optimiser, firing counters, RNG and the
+store's position all travel with them. Non-finite loss or weights stop the run at once.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import (checkpoint_step, config_differences, copy_to_mirror, list_checkpoints, load_checkpoint,
+                         prune_checkpoints, save, write_checkpoint)
+from .config import TranscoderConfig
+from .logger import METRICS_FILE, RunLogger, truncate_metrics
+from .transcoder import MatryoshkaTranscoder
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the weights stopped being finite; the last good checkpoint is kept."""
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was written before stopping."""
+
+
+def learning_rate(step: int, cfg: TranscoderConfig) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay reaching `min_lr` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.total_steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Run:
+    """One transcoder being trained."""
+
+    cfg: TranscoderConfig
+    model: MatryoshkaTranscoder
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    mirror_dir: Path | None
+    logger: RunLogger | None = None
+    last_metrics: dict = field(default_factory=dict)
+    mirror_job: Future | None = None
+
+
+class Trainer:
+    """Trains `configs` (one transcoder each) from `store`, which must serve one hook pair per config in
+    the same order (see `mtc.activations.build_store`).
+
+    `resume`: "auto" continues from the newest complete checkpoint (local or mirror) if there is one,
+    "never" starts afresh, or a path to a `step_<N>` folder (single transcoder).
+    """
+
+    def __init__(self, configs: list[TranscoderConfig], store, device: str | torch.device = "cpu",
+                 mirror_dirs: list[Path | None] | None = None, resume: str = "auto", progress: bool = True):
+        if not configs:
+            raise ValueError("Trainer needs at least one TranscoderConfig")
+        for cfg in configs[1:]:
+            if cfg.total_tokens != configs[0].total_tokens or cfg.batch_size != configs[0].batch_size:
+                raise ValueError("transcoders trained together must share total_tokens and batch_size")
+        dirs = [cfg.run_dir for cfg in configs]
+        if len(set(dirs)) != len(dirs):
+            raise ValueError(f"each transcoder needs its own run_name; got run dirs {[str(d) for d in dirs]}")
+        self.store = store
+        self.device = torch.device(device)
+        self.progress = progress
+        self.total_steps = configs[0].total_steps
+        self.step = 0
+        mirror_dirs = mirror_dirs or [None] * len(configs)
+        self.runs = [self._new_run(cfg, mirror) for cfg, mirror in zip(configs, mirror_dirs)]
+        self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtc-mirror")
+        self._stop_signal: int | None = None
+        self._resumed = self._resume(resume)
+
+    # ------------------------------------------------------------------ setup
+    def _new_run(self, cfg: TranscoderConfig, mirror_dir: Path | None) -> Run:
+        torch.manual_seed(cfg.seed)
+        model = MatryoshkaTranscoder(cfg, device=self.device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        return Run(cfg=cfg, model=model, optimizer=optimizer, run_dir=cfg.run_dir, mirror_dir=mirror_dir)
+
+    def _resume(self, resume: str) -> bool:
+        if resume == "never":
+            return False
+        if resume != "auto":
+            if len(self.runs) != 1:
+                raise ValueError("resume from an explicit checkpoint path works for a single transcoder")
+            self._restore([Path(resume)])
+            return True
+        available = [self._checkpoints_by_step(run) for run in self.runs]
+        if not any(available):
+            return False
+        common = set.intersection(*(set(found) for found in available))
+        if not common:
+            raise ValueError("the transcoders' run dirs hold checkpoints of different steps "
+                             f"({[sorted(found) for found in available]}); resume them separately or use --resume never")
+        step = max(common)
+        self._restore([found[step] for found in available])
+        return True
+
+    @staticmethod
+    def _checkpoints_by_step(run: Run) -> dict[int, Path]:
+        found = {}
+        if run.mirror_dir is not None:
+            try:
+                found.update({checkpoint_step(p): p for p in list_checkpoints(run.mirror_dir)})
+            except OSError:
+                pass  # an unreachable mirror is no reason to fail: local checkpoints still count
+        found.update({checkpoint_step(p): p for p in list_checkpoints(run.run_dir)})  # local wins ties
+        return found
+
+    def _restore(self, paths: list[Path]) -> None:
+        for run, path in zip(self.runs, paths):
+            if not (path / "meta.json").is_file():
+                raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
+            saved, state, meta = load_checkpoint(path, device=self.device)
+            differences = config_differences(saved.cfg, run.cfg)
+            if differences:
+                raise ValueError(f"checkpoint {path} belongs to a different run: " + "; ".join(differences)
+                                 + ". Use the run's own config, a new run_name, or --resume never.")
+            run.model.load_state_dict(saved.state_dict())
+            run.model.tokens_since_fired.copy_(state["tokens_since_fired"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.last_metrics = meta.get("metrics", {})
+            self.step = state["step"]
+            truncate_metrics(run.run_dir, self.step)
+        torch.set_rng_state(state["torch_rng"])
+        self.store.load_state_dict(state["store"])
+        print(f"resumed from step {self.step} ({paths[0]})", file=sys.stderr)
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> list[dict]:
+        """Run to the end of the token budget; returns each transcoder's last metrics."""
+        for run in self.runs:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            run.cfg.save(run.run_dir / "config.json")
+            run.logger = RunLogger(run.cfg, run.run_dir, resume=self._resumed)
+        print(self.runs[0].logger.message, file=sys.stderr)
+        restore_signals = self._install_signal_handlers()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not self.progress,
+                   dynamic_ncols=True, desc=self.runs[0].cfg.run_name)
+        tick, tick_step = time.perf_counter(), self.step
+        try:
+            while self.step < self.total_steps:
+                batch = self.store.next_batch()
+                if self.step == 0:
+                    for run, x, y in zip(self.runs, batch.sources, batch.targets):
+                        dtype = run.model.W_enc.dtype
+                        run.model.init_from_batch(x.to(self.device, dtype), y.to(self.device, dtype))
+                outputs = [self._train_step(run, x, y) for run, x, y in zip(self.runs, batch.sources, batch.targets)]
+                self.step += 1
+                bar.update(1)
+                last = self.step == self.total_steps
+                if self.step % self.runs[0].cfg.log_every == 0 or last:
+                    now = time.perf_counter()
+                    tokens_per_s = (self.step - tick_step) * self.runs[0].cfg.batch_size / (now - tick)
+                    tick, tick_step = now, self.step
+                    for run, out in zip(self.runs, outputs):
+                        self._log(run, out, tokens_per_s)
+                    first = self.runs[0].last_metrics
+                    bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
+                if self.step % self.runs[0].cfg.checkpoint_every == 0 or last:
+                    self.checkpoint()
+                if self._stop_signal is not None:
+                    if self.step % self.runs[0].cfg.checkpoint_every and not last:
+                        self.checkpoint()
+                    raise StopRequested(f"stopped by signal {self._stop_signal} at step {self.step}; "
+                                        "checkpoint written, --resume auto continues")
+            for run in self.runs:
+                self._save_final(run)
+        finally:
+            bar.close()
+            restore_signals()
+            self._wait_for_mirrors()
+            for run in self.runs:
+                if run.logger is not None:
+                    run.logger.finish()
+        return [run.last_metrics for run in self.runs]
+
+    def _train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor):
+        model, cfg = run.model, run.cfg
+        dtype = model.W_enc.dtype
+        x = x.to(self.device, dtype, non_blocking=True)
+        y = y.to(self.device, dtype, non_blocking=True)
+        out = model.training_forward(x, y)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteError(self._non_finite_message(run, "the loss"))
+        run.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        model.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, cfg)
+        run.optimizer.step()
+        model.normalize_decoder()
+        return out
+
+    def _non_finite_message(self, run: Run, what: str) -> str:
+        kept = list_checkpoints(run.run_dir)
+        last_good = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+        return (f"{what} of {run.cfg.run_name} became non-finite at step {self.step + 1}; {last_good}. "
+                f"Try a lower lr (now {run.cfg.lr:g}), a longer warmup_steps (now {run.cfg.warmup_steps}), "
+                f"grad_clip, or model_dtype='float32' if the language model overflows in float16.")
+
+    def _log(self, run: Run, out, tokens_per_s: float) -> None:
+        metrics = out.metrics()
+        metrics.update(step=self.step, tokens=self.step * run.cfg.batch_size,
+                       lr=learning_rate(self.step - 1, run.cfg), tokens_per_s=tokens_per_s)
+        run.last_metrics = metrics
+        run.logger.log(metrics)
+
+    # ------------------------------------------------------------------ saving
+    def checkpoint(self) -> None:
+        """Write a checkpoint of every transcoder at the current step (and mirror it)."""
+        for run in self.runs:
+            if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+                raise NonFiniteError(self._non_finite_message(run, "the weights"))
+            state = {"step": self.step, "optimizer": run.optimizer.state_dict(),
+                     "tokens_since_fired": run.model.tokens_since_fired.cpu(),
+                     "store": self.store.state_dict(), "torch_rng": torch.get_rng_state()}
+            meta = {"tokens": self.step * run.cfg.batch_size, "metrics": run.last_metrics, "time": time.time()}
+            path = write_checkpoint(run.run_dir, self.step, run.model, state, meta)
+            prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
+            run.logger.log_checkpoint(path, self.step)
+            self._mirror(run, [(path, f"checkpoints/{path.name}"), (run.run_dir / METRICS_FILE, METRICS_FILE),
+                               (run.run_dir / "config.json", "config.json")], prune=True)
+
+    def _save_final(self, run: Run) -> None:
+        tmp, final = run.run_dir / ".tmp-final", run.run_dir / "final"
+        save(run.model, tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        self._mirror(run, [(final, "final")], prune=False)
+
+    def _mirror(self, run: Run, items: list[tuple[Path, str]], prune: bool) -> None:
+        """Copy to the run's mirror in the background; one copy at a time, failures only warn."""
+        if run.mirror_dir is None:
+            return
+        self._wait_for_mirror(run)
+
+        def copy() -> None:
+            for source, relative in items:
+                if source.exists():
+                    copy_to_mirror(source, run.mirror_dir, relative)
+            if prune:
+                prune_checkpoints(run.mirror_dir, run.cfg.keep_checkpoints)
+
+        run.mirror_job = self._mirror_pool.submit(copy)
+
+    def _wait_for_mirror(self, run: Run) -> None:
+        if run.mirror_job is None:
+            return
+        try:
+            run.mirror_job.result()
+        except OSError as err:
+            tqdm.write(f"warning: could not copy to the mirror {run.mirror_dir} ({err}); training goes on and "
+                       f"local checkpoints in {run.run_dir} are kept", file=sys.stderr)
+        run.mirror_job = None
+
+    def _wait_for_mirrors(self) -> None:
+        for run in self.runs:
+            self._wait_for_mirror(run)
+
+    def _install_signal_handlers(self):
+        """SIGTERM/SIGINT finish the current step, write a checkpoint and stop (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
