@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .config import TranscoderConfig, torch_dtype
-from .data import load_documents, pack_contexts, special_token_ids
+from .data import load_documents, pack_contexts, special_token_ids, split_documents
 from .language_model import stop_layer, validate_hooks
 
 
@@ -192,7 +192,7 @@ def build_store(bridge, configs: list[TranscoderConfig], buffer_device: str | to
 
     def make_contexts():
         documents = load_documents(first.dataset, first.dataset_split, first.text_column)
-        return pack_contexts(documents, tokenizer, first.seq_len)
+        return pack_contexts(split_documents(documents, "train"), tokenizer, first.seq_len)
 
     load_documents(first.dataset, first.dataset_split, first.text_column)  # bad paths fail here, not mid-run
 

@@ -52,7 +52,82 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'auto' (newest complete checkpoint, local or mirror), 'never', or a step_<N> folder")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained transcoder on held-out tokens")
+    evaluate.add_argument("--run", required=True, help="a run dir, its final/ folder, or a checkpoint folder")
+    add_eval_arguments(evaluate)
+
+    compare = commands.add_parser("compare", help="evaluate several transcoders on the same held-out tokens")
+    compare.add_argument("runs", nargs="+", help="run dirs / model folders, or Gemma Scope params.npz files")
+    compare.add_argument("--out", default=".", help="folder for compare.json and compare.png")
+    add_eval_arguments(compare)
     return parser
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens to evaluate on")
+    parser.add_argument("--batch-size", type=int, default=4, help="contexts per forward pass")
+    parser.add_argument("--device", default="auto")
+
+
+def model_folder(path: str) -> tuple[Path, Path]:
+    """(folder holding model.safetensors + config.json, run dir to write reports into) for `--run`."""
+    from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, list_checkpoints
+
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else (
+            path.parent if path.name == "final" else path)
+        return path, run_dir
+    if (path / "final" / WEIGHTS_FILE).is_file():
+        return path / "final", path
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1], path
+    raise FileNotFoundError(f"{path} holds no trained transcoder (no final/, no checkpoints/step_<N>, no "
+                            f"model.safetensors); pass a run dir written by `python -m mtc train`")
+
+
+def load_for_eval(spec: str, device: str):
+    """(name, model, report folder) for a run dir / model folder / Gemma Scope params.npz."""
+    from .checkpoint import load
+
+    if spec.endswith(".npz") or "gemma-scope" in spec:
+        from .interop import load_gemma_scope
+
+        return Path(spec).parent.name or spec, load_gemma_scope(spec, device=device), None
+    folder, run_dir = model_folder(spec)
+    return run_dir.name, load(folder, device=device), run_dir
+
+
+def eval_command(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
+    from .evaluate import evaluate, held_out_contexts
+    from .language_model import load_language_model
+
+    device = resolve_device(args.device)
+    loaded = [load_for_eval(spec, device) for spec in specs]
+    first = next((model.cfg for _, model, run_dir in loaded if run_dir is not None), loaded[0][1].cfg)
+    bridge = load_language_model(first.model_name, device=device, dtype=first.model_dtype)
+    contexts = held_out_contexts(bridge, first.dataset, args.tokens, first.seq_len, first.dataset_split,
+                                 first.text_column)
+    reports = {}
+    for name, model, run_dir in loaded:
+        report = evaluate(model, bridge, contexts, batch_size=args.batch_size)
+        reports[name if name not in reports else f"{name}-{len(reports)}"] = report
+        report["_run_dir"] = str(run_dir) if run_dir is not None else None
+    return reports
+
+
+def write_reports(reports: dict[str, dict], folder: Path, stem: str) -> None:
+    from .evaluate import format_table, plot_matryoshka_curve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    clean = {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in reports.items()}
+    (folder / f"{stem}.json").write_text(json.dumps(clean if len(clean) > 1 else next(iter(clean.values())),
+                                                    indent=2) + "\n")
+    plot_matryoshka_curve(clean, folder / f"{stem}.png")
+    print(format_table(clean))
+    print(f"wrote {folder / (stem + '.json')} and {folder / (stem + '.png')}")
 
 
 def config_settings(args: argparse.Namespace, d_model: int | None = None) -> list[dict]:
@@ -127,10 +202,17 @@ def train_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        try:
+    try:
+        if args.command == "train":
             return train_command(args)
-        except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        if args.command == "eval":
+            reports = eval_command(args, [args.run])
+            write_reports(reports, Path(next(iter(reports.values()))["_run_dir"]), "eval")
+            return 0
+        if args.command == "compare":
+            write_reports(eval_command(args, args.runs), Path(args.out), "compare")
+            return 0
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import itertools
 import sysconfig
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -88,6 +89,23 @@ def _text_column(ds: Iterable[dict], column: str, name: str) -> Iterator[str]:
                            f"set text_column to the one holding the text")
         if row[column]:
             yield row[column]
+
+
+HOLDOUT_EVERY = 20  # one document in 20 is held out for evaluation
+
+
+def is_held_out(document: str) -> bool:
+    """Whether a document belongs to the evaluation split: a stable hash of its text, so the split is the
+    same on every machine and for every pass over a (streamed) corpus."""
+    return zlib.crc32(document.encode("utf-8", "replace")) % HOLDOUT_EVERY == 0
+
+
+def split_documents(documents: Iterable[str], role: str) -> Iterator[str]:
+    """The training ("train") or held-out ("eval") documents of a corpus; the two never overlap."""
+    if role not in ("train", "eval"):
+        raise ValueError(f"role must be 'train' or 'eval', got {role!r}")
+    want_held_out = role == "eval"
+    return (doc for doc in documents if is_held_out(doc) == want_held_out)
 
 
 def pack_contexts(documents: Iterable[str], tokenizer, seq_len: int, docs_per_call: int = 64) -> Iterator[torch.Tensor]:

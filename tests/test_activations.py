@@ -5,7 +5,7 @@ import torch
 
 from mtc import TranscoderConfig
 from mtc.activations import ActivationStore, build_store
-from mtc.data import load_documents, pack_contexts
+from mtc.data import load_documents, pack_contexts, split_documents
 
 PAIR = ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
 CROSS = ("blocks.0.hook_resid_post", "blocks.2.hook_mlp_out")
@@ -19,7 +19,7 @@ def config(**changes):
 
 
 def contexts_by_id(bridge, cfg, n):
-    stream = pack_contexts(load_documents(cfg.dataset), bridge.tokenizer, cfg.seq_len)
+    stream = pack_contexts(split_documents(load_documents(cfg.dataset), "train"), bridge.tokenizer, cfg.seq_len)
     return torch.stack(list(itertools.islice(stream, n)))
 
 

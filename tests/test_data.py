@@ -61,3 +61,14 @@ def test_tokenizer_without_bos_uses_eos(tokenizer):
         bos_token_id, eos_token_id = None, 7
     assert special_token_ids(NoBos()) == (7, 7)
     assert special_token_ids(tokenizer) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
+def test_held_out_documents_never_reach_the_training_stream():
+    from mtc.data import split_documents
+
+    docs = list(itertools.islice(offline_documents(), 2000))
+    train, held_out = list(split_documents(docs, "train")), list(split_documents(docs, "eval"))
+    assert len(train) + len(held_out) == len(docs)
+    assert not set(train) & set(held_out)
+    assert 0.02 < len(held_out) / len(docs) < 0.09  # about one in 20
+    assert list(split_documents(docs, "eval")) == held_out  # stable

@@ -1,0 +1,200 @@
+"""Evaluation on held-out tokens: reconstruction and splice scores, for every prefix.
+
+For each prefix g (and so for the full model, the last prefix), on held-out contexts:
+
+- `fvu`, `l0`, `dead_pct` (latents that never fired on these tokens), `dense_pct` (latents firing on
+  more than `DENSE_FREQUENCY` of them), computed on the target hook;
+- splice scores: the language model's next-token cross-entropy when the target hook's value is
+  replaced by the transcoder's prediction from the source hook of the *same* forward pass
+  (`ce_spliced`), against the clean run (`ce_clean`) and the run with the target zero-ablated
+  (`ce_zero_ablation`): `ce_loss_score = (ce_zero_ablation - ce_spliced) / (ce_zero_ablation - ce_clean)`,
+  and `kl_div`, the mean per-token KL(clean || spliced).
+
+BOS positions are excluded from every token average.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import load_documents, pack_contexts, special_token_ids, split_documents
+from .language_model import validate_hooks
+from .transcoder import MatryoshkaTranscoder, fvu
+
+DENSE_FREQUENCY = 0.1
+EVAL_FILE = "eval.json"
+
+
+def held_out_contexts(bridge, dataset: str, n_tokens: int, seq_len: int, split: str = "train",
+                      text_column: str = "text") -> Tensor:
+    """`[n, seq_len]` contexts packed from the held-out documents only (never seen in training)."""
+    documents = split_documents(load_documents(dataset, split, text_column), "eval")
+    n_contexts = max(1, -(-n_tokens // (seq_len - 1)))
+    contexts = list(itertools.islice(pack_contexts(documents, bridge.tokenizer, seq_len), n_contexts))
+    if not contexts:
+        raise RuntimeError(f"dataset {dataset} has no held-out documents to evaluate on; use a larger dataset")
+    return torch.stack(contexts)
+
+
+def _next_token_log_probs(logits: Tensor) -> Tensor:
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+class _Totals:
+    """Token-weighted running sums of per-token losses."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, name: str, per_token: Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(per_token.double().sum())
+
+    def mean(self, name: str) -> float:
+        return self.sums[name] / self.count
+
+
+@torch.no_grad()
+def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: int = 4,
+             progress: Callable[[int], None] | None = None) -> dict:
+    """Evaluate `model` (source -> target hooks from its config) on `contexts`; returns the eval report."""
+    cfg = model.cfg
+    source, target = cfg.source_hook, cfg.target_hook
+    validate_hooks(bridge, [source, target])
+    bos, _ = special_token_ids(bridge.tokenizer)
+    model.eval()
+    G = cfg.n_prefixes
+    totals = _Totals()
+    fired = torch.zeros(G, cfg.d_sae, dtype=torch.long)
+    residual_sq = torch.zeros(G, dtype=torch.float64)
+    variance_parts = []  # (y sums, y squared sums, count) per batch for the pooled variance
+    l0_sums = torch.zeros(G, dtype=torch.float64)
+    device = bridge.cfg.device
+    for start in range(0, len(contexts), batch_size):
+        tokens = contexts[start:start + batch_size].to(device)
+        keep = (tokens != bos)
+        predict = keep[:, 1:]  # positions whose next token is predicted, excluding BOS targets
+        targets = tokens[:, 1:]
+
+        clean_logits, cache = bridge.run_with_cache(tokens, names_filter=[source, target])
+        clean_lp = _next_token_log_probs(clean_logits)
+        del clean_logits
+        n_predicted = int(predict.sum())
+        totals.count += n_predicted
+        totals.add("ce_clean", -clean_lp.gather(-1, targets[..., None])[..., 0][predict])
+
+        x = cache[source][keep].to(model.W_enc.dtype)
+        y = cache[target][keep].to(model.W_enc.dtype)
+        variance_parts.append((y.double().sum(0), y.double().pow(2).sum(), len(y)))
+        for g in range(1, G + 1):
+            latents = model.encode(x, prefix=g)
+            active = latents > 0
+            fired[g - 1, :latents.shape[1]] += active.sum(0).cpu()
+            l0_sums[g - 1] += float(active.sum())
+            residual_sq[g - 1] += float((y - model(x, prefix=g)).double().pow(2).sum())
+
+        def replace(value: Tensor, hook, prefix: int | None) -> Tensor:
+            if prefix is None:
+                return torch.zeros_like(value)
+            return model(hooked[source].to(model.W_enc.dtype), prefix=prefix).to(value.dtype)
+
+        hooked: dict[str, Tensor] = {}
+
+        def keep_source(value: Tensor, hook) -> Tensor:
+            hooked[source] = value
+            return value
+
+        runs = [("zero_ablation", None)] + [(f"prefix_{g}", g) for g in range(1, G + 1)]
+        for name, prefix in runs:
+            logits = bridge.run_with_hooks(tokens, fwd_hooks=[
+                (source, keep_source), (target, lambda value, hook, p=prefix: replace(value, hook, p))])
+            log_probs = _next_token_log_probs(logits)
+            del logits
+            totals.add(f"ce_{name}", -log_probs.gather(-1, targets[..., None])[..., 0][predict])
+            kl = (clean_lp.exp() * (clean_lp - log_probs)).sum(-1)
+            totals.add(f"kl_{name}", kl[predict])
+        if progress is not None:
+            progress(len(tokens))
+
+    # pooled variance of the target around its mean over all evaluated tokens
+    y_sum = sum(p[0] for p in variance_parts)
+    y_sq = sum(p[1] for p in variance_parts)
+    n_tokens = sum(p[2] for p in variance_parts)
+    total_variance = float(y_sq - y_sum.pow(2).sum() / n_tokens)
+
+    ce_clean, ce_zero = totals.mean("ce_clean"), totals.mean("ce_zero_ablation")
+    rows = []
+    for g in range(1, G + 1):
+        m = cfg.prefix_sizes[g - 1]
+        frequency = fired[g - 1, :m].double() / n_tokens
+        ce_spliced = totals.mean(f"ce_prefix_{g}")
+        rows.append({
+            "prefix": g, "latents": m,
+            "fvu": float(residual_sq[g - 1]) / total_variance,
+            "l0": float(l0_sums[g - 1]) / n_tokens,
+            "dead_pct": 100.0 * float((frequency == 0).double().mean()),
+            "dense_pct": 100.0 * float((frequency > DENSE_FREQUENCY).double().mean()),
+            "ce_spliced": ce_spliced,
+            "ce_loss_score": (ce_zero - ce_spliced) / (ce_zero - ce_clean),
+            "kl_div": totals.mean(f"kl_prefix_{g}"),
+        })
+    return {"tokens": n_tokens, "predicted_tokens": totals.count, "ce_clean": ce_clean,
+            "ce_zero_ablation": ce_zero, "kl_zero_ablation": totals.mean("kl_zero_ablation"),
+            "full": rows[-1], "prefixes": rows, "model": cfg.model_name, "source_hook": source,
+            "target_hook": target}
+
+
+def format_table(reports: dict[str, dict]) -> str:
+    """Side-by-side text table: one block of rows (one per prefix) for each named report."""
+    header = f"{'model':<22}{'prefix':>7}{'latents':>9}{'fvu':>9}{'l0':>8}{'dead%':>7}{'dense%':>8}" \
+             f"{'ce_spliced':>12}{'ce_score':>10}{'kl_div':>9}"
+    lines = [header, "-" * len(header)]
+    for name, report in reports.items():
+        for row in report["prefixes"]:
+            label = "full" if row is report["prefixes"][-1] else str(row["prefix"])
+            lines.append(f"{name[:21]:<22}{label:>7}{row['latents']:>9}{row['fvu']:>9.4f}{row['l0']:>8.1f}"
+                         f"{row['dead_pct']:>7.1f}{row['dense_pct']:>8.1f}{row['ce_spliced']:>12.4f}"
+                         f"{row['ce_loss_score']:>10.4f}{row['kl_div']:>9.4f}")
+    first = next(iter(reports.values()))
+    lines.append(f"clean CE {first['ce_clean']:.4f}, zero-ablation CE {first['ce_zero_ablation']:.4f}, "
+                 f"{first['tokens']} held-out tokens")
+    return "\n".join(lines)
+
+
+def plot_matryoshka_curve(reports: dict[str, dict], path: Path) -> Path:
+    """FVU and CE loss score against prefix size (the Matryoshka curve), one line per report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_fvu, ax_ce) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, report in reports.items():
+        sizes = [row["latents"] for row in report["prefixes"]]
+        ax_fvu.plot(sizes, [row["fvu"] for row in report["prefixes"]], marker="o", label=name)
+        ax_ce.plot(sizes, [row["ce_loss_score"] for row in report["prefixes"]], marker="o", label=name)
+    for ax, title in ((ax_fvu, "FVU (lower is better)"), (ax_ce, "CE loss score (higher is better)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("latents in prefix")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_report(report: dict, folder: Path) -> Path:
+    path = Path(folder) / EVAL_FILE
+    tmp = path.with_name(EVAL_FILE + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    return path
