@@ -39,7 +39,7 @@ def main() -> None:
     cfg = fit_config_to_model(TranscoderConfig(
         model_name=args.model, source_hook=source, target_hook=target, d_sae=1024, k=32, seq_len=args.seq_len,
         model_batch_size=args.model_batch, buffer_tokens=tokens_per_fill, batch_size=1024,
-        total_tokens=10 * tokens_per_fill, warmup_steps=0), bridge)
+        total_tokens=10 * tokens_per_fill, warmup_steps=0, dataset="pydoc"), bridge)
     store = build_store(bridge, [cfg], buffer_device=args.device)
     batches_per_fill = tokens_per_fill // cfg.batch_size
     contexts = torch.stack(list(itertools.islice(

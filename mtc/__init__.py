@@ -14,6 +14,16 @@ _EXPORTS = {
     "save": "checkpoint",
     "load": "checkpoint",
     "export_gemma_scope": "interop",
+    "export_saelens": "interop",
+    "export_circuit_tracer": "interop",
+    "load_gemma_scope": "interop",
+    "load_export": "interop",
+    "load_wandb_artifact": "interop",
+    "Trainer": "train",
+    "evaluate": "evaluate",
+    "load_samples": "samples",
+    "load_language_model": "language_model",
+    "build_store": "activations",
 }
 
 __all__ = sorted(_EXPORTS)

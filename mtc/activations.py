@@ -140,12 +140,24 @@ class ActivationStore:
         self._contexts_in_fill = len(contexts)
         tokens = torch.stack(contexts)
         keep = ~torch.isin(tokens, self.exclude_token_ids)
-        chunks = {hook: [] for hook in self.hooks}
+        # Free the previous fill first and write into one preallocated tensor per hook, so a fill never
+        # holds more than one buffer's worth of activations (on a 16 GB GPU that is the difference).
+        self._buffer, self._order = {}, None
+        row = 0
         for start in range(0, len(tokens), self.model_batch_size):
+            chunk_keep = keep[start:start + self.model_batch_size]
+            n_kept = int(chunk_keep.sum())
             for hook, acts in self.run_model(tokens[start:start + self.model_batch_size]).items():
-                chunks[hook].append(acts[keep[start:start + self.model_batch_size].to(acts.device)]
-                                    .to(self.buffer_device, self.dtype))
-        self._buffer = {hook: torch.cat(parts) for hook, parts in chunks.items()}
+                if hook not in self._buffer:
+                    self._buffer[hook] = torch.empty(int(keep.sum()), acts.shape[-1], dtype=self.dtype,
+                                                     device=self.buffer_device)
+                self._buffer[hook][row:row + n_kept] = acts[chunk_keep.to(acts.device)].to(self.buffer_device,
+                                                                                           self.dtype)
+            row += n_kept
+        for hook, acts in self._buffer.items():
+            if not torch.isfinite(acts).all():
+                raise RuntimeError(f"activations at {hook} do not fit activation_dtype={self.dtype} (non-finite "
+                                   f"values after the cast); set activation_dtype='float32'")
         context_ids = torch.tensor(ids).unsqueeze(1).expand_as(tokens)
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
         self._buffer_ids = context_ids[keep].to(self.buffer_device)

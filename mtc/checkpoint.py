@@ -84,10 +84,12 @@ STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
-# Settings that may change between a run and its resumption without changing its results.
+# Settings that may change when a run resumes: logging, paths, budget, and the dtypes (a resumed run
+# may land on another GPU; then it is no longer bit-identical, and the trainer says so).
 RESUMABLE_CHANGES = {"total_tokens", "output_dir", "drive_dir", "log_every", "checkpoint_every",
                      "keep_checkpoints", "wandb_mode", "wandb_project", "wandb_entity",
-                     "wandb_log_checkpoints", "device", "run_name"}
+                     "wandb_log_checkpoints", "device", "run_name", "samples_every", "samples_top_n",
+                     "model_dtype", "activation_dtype"}  # dtypes: a resumed run may land on another GPU
 
 
 def write_checkpoint(run_dir: Path, step: int, model: MatryoshkaTranscoder, trainer_state: dict,

@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", required=True, help="a run dir, its final/ folder, or a checkpoint folder")
     add_eval_arguments(evaluate)
 
+    samples = commands.add_parser("samples", help="show a latent's top-activating contexts")
+    samples.add_argument("--run", required=True, help="a run dir (reads <run>/samples)")
+    samples.add_argument("--latent", type=int, nargs="*", help="latent indices (default: a report by group)")
+    samples.add_argument("-n", type=int, default=8, help="contexts shown per latent")
+    samples.add_argument("--collect", type=int, metavar="BATCHES",
+                         help="first run a standalone pass over this many store batches and save the samples")
+    samples.add_argument("--device", default="auto")
+
     compare = commands.add_parser("compare", help="evaluate several transcoders on the same held-out tokens")
     compare.add_argument("runs", nargs="+", help="run dirs / model folders, or Gemma Scope params.npz files")
     compare.add_argument("--out", default=".", help="folder for compare.json and compare.png")
@@ -107,7 +115,9 @@ def eval_command(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
     device = resolve_device(args.device)
     loaded = [load_for_eval(spec, device) for spec in specs]
     first = next((model.cfg for _, model, run_dir in loaded if run_dir is not None), loaded[0][1].cfg)
-    bridge = load_language_model(first.model_name, device=device, dtype=first.model_dtype)
+    # float16 (T4 training) can overflow in full forward passes; evaluate such runs in float32
+    dtype = "float32" if first.model_dtype == "float16" else first.model_dtype
+    bridge = load_language_model(first.model_name, device=device, dtype=dtype)
     contexts = held_out_contexts(bridge, first.dataset, args.tokens, first.seq_len, first.dataset_split,
                                  first.text_column)
     reports = {}
@@ -142,7 +152,8 @@ def config_settings(args: argparse.Namespace, d_model: int | None = None) -> lis
     layer_hooks = {}
     if args.layer is not None:
         if not name and d_model is not None:
-            base.update(defaults_for_layer(args.layer, d_model))
+            model_name = flags.get("model_name", TranscoderConfig.model_name)
+            base.update(defaults_for_layer(args.layer, d_model, model_name))
         layer_hooks = dict(zip(("source_hook", "target_hook"), default_hooks(args.layer)))
     files = [json.loads(Path(path).read_text()) for path in args.config] or [{}]
     settings = []
@@ -169,10 +180,10 @@ def train_command(args: argparse.Namespace) -> int:
     from .language_model import fit_config_to_model, load_language_model
     from .train import NonFiniteError, StopRequested, Trainer
 
-    configs = [TranscoderConfig(**s) for s in config_settings(args)]  # validate before loading a model
+    configs = [TranscoderConfig.from_dict(s) for s in config_settings(args)]  # validate before loading a model
     device = resolve_device(configs[0].device)
     bridge = load_language_model(configs[0].model_name, device=device, dtype=configs[0].model_dtype)
-    configs = [TranscoderConfig(**s) for s in config_settings(args, d_model=bridge.cfg.d_model)]
+    configs = [TranscoderConfig.from_dict(s) for s in config_settings(args, d_model=bridge.cfg.d_model)]
     configs = [fit_config_to_model(cfg, bridge) for cfg in configs]
     for cfg in configs:
         print(f"{cfg.run_name}: {cfg.model_name} {cfg.source_hook} -> {cfg.target_hook}, d_in={cfg.d_in} "
@@ -200,15 +211,62 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def samples_command(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .language_model import resolve_model_path
+    from .samples import load_samples
+
+    folder, run_dir = model_folder(args.run)
+    if args.collect:
+        collect_command(folder, run_dir, args.collect, resolve_device(args.device))
+    from .checkpoint import load
+
+    cfg = load(folder).cfg
+    samples = load_samples(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model_name))
+    if args.latent:
+        for latent in args.latent:
+            if not 0 <= latent < samples.d_sae:
+                raise ValueError(f"--latent {latent} is out of range; this transcoder has latents 0..{samples.d_sae - 1}")
+        print(samples.report(tokenizer, args.latent, n=args.n))
+    else:
+        print(samples.group_report(tokenizer, cfg.prefix_sizes, n=args.n))
+    return 0
+
+
+def collect_command(folder: Path, run_dir: Path, n_batches: int, device: str) -> None:
+    """A standalone samples pass over a trained model (JumpReLU latents, the run's training stream)."""
+    from .activations import build_store
+    from .checkpoint import load
+    from .language_model import load_language_model
+    from .samples import collect_samples, context_lookup
+
+    model = load(folder, device=device)
+    cfg = model.cfg
+    bridge = load_language_model(cfg.model_name, device=device, dtype=cfg.model_dtype)
+    store = build_store(bridge, [cfg], buffer_device=device)
+    collector = collect_samples(model, store, n_batches, top_n=cfg.samples_top_n)
+    meta = {"model_name": cfg.model_name, "source_hook": cfg.source_hook, "target_hook": cfg.target_hook,
+            "prefix_sizes": cfg.prefix_sizes, "pass": "standalone"}
+    path = collector.save(run_dir / "samples", context_lookup(store.make_contexts), meta=meta)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
             return train_command(args)
         if args.command == "eval":
+            if args.run.endswith(".npz"):
+                raise ValueError("`eval --run` takes a run dir or model folder; evaluate a Gemma Scope params.npz "
+                                 "with `python -m mtc compare <run dir> <params.npz>`")
             reports = eval_command(args, [args.run])
             write_reports(reports, Path(next(iter(reports.values()))["_run_dir"]), "eval")
             return 0
+        if args.command == "samples":
+            return samples_command(args)
         if args.command == "compare":
             write_reports(eval_command(args, args.runs), Path(args.out), "compare")
             return 0

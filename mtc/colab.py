@@ -86,10 +86,12 @@ def settings_for(name: str | None, capability: tuple[int, int] | None,
                            f"{name} (compute {cc}) has native bfloat16: model and activation store in bfloat16")
     # T4 (7.5) and older: bfloat16 is emulated and slow, so the model runs in float16. Gemma's
     # activations can exceed float16's range, hence the check-and-fallback done by the store.
-    return GpuSettings("cuda", name, capability, memory_gb, "float16", "float32", False,
-                       f"{name} (compute {cc}) has no native bfloat16 (emulated bf16 is slow): model in "
-                       f"float16, activations stored in float32; the activation store checks that "
-                       f"activations are finite and falls back to float32 if float16 overflows")
+    # Activations are stored in float16 too: they come out of a float16 model, and float32 would double
+    # a buffer that must share 16 GB with the model.
+    return GpuSettings("cuda", name, capability, memory_gb, "float16", "float16", False,
+                       f"{name} (compute {cc}) has no native bfloat16 (emulated bf16 is slow): model and "
+                       f"activation buffer in float16; the activation store checks that activations are "
+                       f"finite and falls back to float32 if float16 overflows")
 
 
 def gpu_settings() -> GpuSettings:

@@ -15,6 +15,7 @@ from typing import Any
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+PYDOC_TOKEN_LIMIT = 2_000_000  # generous: tokenizers differ, the corpus is ~0.5M Gemma tokens
 
 
 def torch_dtype(name: str):
@@ -77,7 +78,7 @@ class TranscoderConfig:
     buffer_tokens: int = 262_144  # activations mixed in the shuffling buffer
 
     # --- data
-    dataset: str = "pydoc"  # "pydoc" (offline), a Hugging Face dataset id, or a local file/folder
+    dataset: str = "HuggingFaceFW/fineweb-edu"  # a Hugging Face id (streamed), a local file/folder, or "pydoc" (offline)
     dataset_split: str = "train"
     text_column: str = "text"
 
@@ -99,6 +100,8 @@ class TranscoderConfig:
     wandb_project: str = "mtc"
     wandb_entity: str = ""
     wandb_log_checkpoints: bool = False  # upload checkpoints as W&B artifacts (online only)
+    samples_every: int = 10  # steps between updates of the top-activating contexts (0: off)
+    samples_top_n: int = 16  # top contexts kept per latent
 
     def __post_init__(self) -> None:
         for name in ("dtype", "model_dtype", "activation_dtype"):
@@ -136,7 +139,7 @@ class TranscoderConfig:
 
         for name in ("d_in", "d_out", "d_sae", "k", "k_aux", "batch_size", "total_tokens", "seq_len",
                      "model_batch_size", "buffer_tokens", "dead_after_tokens", "log_every",
-                     "checkpoint_every", "keep_checkpoints"):
+                     "checkpoint_every", "keep_checkpoints", "samples_top_n"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, f"must be a positive integer, got {value!r}", "set it to an integer >= 1")
@@ -189,6 +192,12 @@ class TranscoderConfig:
                  "lower warmup_steps or raise total_tokens")
         if not self.source_hook or not self.target_hook:
             fail("source_hook", "source_hook and target_hook must both be named", "e.g. blocks.12.ln2.hook_normalized")
+        if self.dataset == "pydoc" and self.total_tokens > PYDOC_TOKEN_LIMIT:
+            fail("total_tokens", f"{self.total_tokens:,} tokens exceed what the offline 'pydoc' corpus holds "
+                 f"(about half a million)", "lower total_tokens or set dataset to a larger corpus, e.g. "
+                 "HuggingFaceFW/fineweb-edu")
+        if self.samples_every < 0:
+            fail("samples_every", f"must be >= 0, got {self.samples_every}", "use 0 to collect no samples")
         if self.seq_len < 2:
             fail("seq_len", f"must be at least 2 (BOS plus one token), got {self.seq_len}", "128 is the usual choice")
         if self.wandb_mode not in WANDB_MODES:

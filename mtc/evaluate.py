@@ -10,7 +10,7 @@ For each prefix g (and so for the full model, the last prefix), on held-out cont
   (`ce_zero_ablation`): `ce_loss_score = (ce_zero_ablation - ce_spliced) / (ce_zero_ablation - ce_clean)`,
   and `kl_div`, the mean per-token KL(clean || spliced).
 
-BOS positions are excluded from every token average.
+BOS positions are excluded from every token average and are never replaced in spliced runs.
 """
 
 from __future__ import annotations
@@ -101,9 +101,13 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
             residual_sq[g - 1] += float((y - model(x, prefix=g)).double().pow(2).sum())
 
         def replace(value: Tensor, hook, prefix: int | None) -> Tensor:
+            """The transcoder's prediction (or zeros) at every position but BOS, which the transcoder
+            never trained on and which Gemma uses as an attention sink."""
             if prefix is None:
-                return torch.zeros_like(value)
-            return model(hooked[source].to(model.W_enc.dtype), prefix=prefix).to(value.dtype)
+                new = torch.zeros_like(value)
+            else:
+                new = model(hooked[source].to(model.W_enc.dtype), prefix=prefix).to(value.dtype)
+            return torch.where(keep[..., None], new, value)
 
         hooked: dict[str, Tensor] = {}
 

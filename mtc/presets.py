@@ -35,7 +35,7 @@ PRESETS: dict[str, dict] = {
     # gains span 0..27, and on this short budget the gained input reaches a clearly lower FVU.
     "demo": dict(model_name=OFFLINE_MODEL, source_hook=hook_name("mlp_in", 6), target_hook=default_hooks(6)[1],
                  d_sae=2560, prefix_sizes=matryoshka_prefixes(2560), k=32, k_aux=256, batch_size=512,
-                 total_tokens=512 * 500, warmup_steps=25, lr=1e-3, min_lr=1e-4, seq_len=128, model_batch_size=16,
+                 total_tokens=512 * 700, warmup_steps=25, lr=1e-3, min_lr=1e-4, seq_len=128, model_batch_size=16,
                  buffer_tokens=32_768, dataset="pydoc", run_name="demo", dead_after_tokens=100_000,
                  log_every=25, checkpoint_every=100),
 }
@@ -55,9 +55,11 @@ def preset_for(preset: str | None, layer: int | None, model_name: str | None) ->
     return None
 
 
-def defaults_for_layer(layer: int, d_model: int) -> dict:
-    """Sensible settings for any layer of any model: 8x expansion, k = 64, Matryoshka groups."""
+def defaults_for_layer(layer: int, d_model: int, model_name: str) -> dict:
+    """Sensible settings for any layer of any model: 8x expansion, k = 64, Matryoshka groups; a web corpus
+    for hub models (the offline corpus holds only about half a million tokens)."""
     source, target = default_hooks(layer)
     d_sae = 8 * d_model
+    dataset = "pydoc" if model_name == OFFLINE_MODEL else "HuggingFaceFW/fineweb-edu"
     return dict(source_hook=source, target_hook=target, d_sae=d_sae, prefix_sizes=matryoshka_prefixes(d_sae),
-                k=64, run_name=f"layer{layer}")
+                k=64, run_name=f"layer{layer}", dataset=dataset)

@@ -29,7 +29,8 @@ from .checkpoint import (checkpoint_step, config_differences, copy_to_mirror, li
                          prune_checkpoints, save, write_checkpoint)
 from .config import TranscoderConfig
 from .logger import METRICS_FILE, RunLogger, truncate_metrics
-from .transcoder import MatryoshkaTranscoder
+from .samples import SampleCollector, context_lookup
+from .transcoder import MatryoshkaTranscoder, TrainingOutput
 
 
 class NonFiniteError(RuntimeError):
@@ -58,9 +59,20 @@ class Run:
     optimizer: torch.optim.Optimizer
     run_dir: Path
     mirror_dir: Path | None
+    samples: SampleCollector | None = None
+    interval: dict = field(default_factory=dict)  # detached running sums since the last log line
     logger: RunLogger | None = None
     last_metrics: dict = field(default_factory=dict)
     mirror_job: Future | None = None
+
+
+def accumulate(sums: dict, out: TrainingOutput) -> None:
+    """Add one step's losses to the running sums of a log interval (on the device, no sync)."""
+    for name in ("loss", "fvu_per_prefix", "aux_loss", "l0"):
+        value = getattr(out, name).detach().float()
+        sums[name] = sums[name] + value if name in sums else value
+    sums["n_dead"] = out.n_dead
+    sums["steps"] = sums.get("steps", 0) + 1
 
 
 class Trainer:
@@ -97,10 +109,19 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = MatryoshkaTranscoder(cfg, device=self.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
-        return Run(cfg=cfg, model=model, optimizer=optimizer, run_dir=cfg.run_dir, mirror_dir=mirror_dir)
+        samples = SampleCollector(cfg.d_sae, top_n=cfg.samples_top_n, device=self.device, seed=cfg.seed) \
+            if cfg.samples_every else None
+        return Run(cfg=cfg, model=model, optimizer=optimizer, run_dir=cfg.run_dir, mirror_dir=mirror_dir,
+                   samples=samples)
 
     def _resume(self, resume: str) -> bool:
         if resume == "never":
+            for run in self.runs:
+                found = self._checkpoints_by_step(run)
+                if found:
+                    raise ValueError(f"{run.run_dir} (or its mirror) already holds checkpoints of a run "
+                                     f"(steps {sorted(found)}); starting afresh there would mix two runs. "
+                                     f"Choose a new run_name, or delete the old run's folder")
             return False
         if resume != "auto":
             if len(self.runs) != 1:
@@ -117,6 +138,19 @@ class Trainer:
         step = max(common)
         self._restore([found[step] for found in available])
         return True
+
+    @staticmethod
+    def _fetch_history(run: Run) -> None:
+        """Resuming from the mirror on a fresh machine: bring back the run's metrics and config first, so
+        the next mirror copy does not replace the mirror's history with a shorter one."""
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS_FILE, "config.json"):
+            source = run.mirror_dir / name
+            if source.is_file() and not (run.run_dir / name).exists():
+                lines = source.read_text().splitlines(keepends=True)
+                if name == METRICS_FILE and lines and not lines[-1].endswith("\n"):
+                    lines = lines[:-1]  # a copy torn by an interrupted append
+                (run.run_dir / name).write_text("".join(lines))
 
     @staticmethod
     def _checkpoints_by_step(run: Run) -> dict[int, Path]:
@@ -137,10 +171,24 @@ class Trainer:
             differences = config_differences(saved.cfg, run.cfg)
             if differences:
                 raise ValueError(f"checkpoint {path} belongs to a different run: " + "; ".join(differences)
-                                 + ". Use the run's own config, a new run_name, or --resume never.")
+                                 + ". Use the run's own config, or a new run_name to start another run.")
+            for name in ("model_dtype", "activation_dtype"):
+                if getattr(saved.cfg, name) != getattr(run.cfg, name):
+                    print(f"note: {name} changed from {getattr(saved.cfg, name)} to {getattr(run.cfg, name)} "
+                          "(another GPU?); the run continues but is no longer bit-identical to an "
+                          "uninterrupted one", file=sys.stderr)
+            if run.mirror_dir is not None and run.mirror_dir in path.parents:
+                self._fetch_history(run)
             run.model.load_state_dict(saved.state_dict())
             run.model.tokens_since_fired.copy_(state["tokens_since_fired"])
             run.optimizer.load_state_dict(state["optimizer"])
+            if run.samples is not None and state.get("samples") is not None:
+                try:
+                    run.samples.load_state_dict(state["samples"])
+                except (ValueError, RuntimeError) as err:  # other samples_top_n, or another device
+                    print(f"note: activation samples restart from this step ({err})", file=sys.stderr)
+            run.interval = {k: v.to(self.device) if torch.is_tensor(v) else v
+                            for k, v in state.get("interval", {}).items()}
             run.last_metrics = meta.get("metrics", {})
             self.step = state["step"]
             truncate_metrics(run.run_dir, self.step)
@@ -168,6 +216,9 @@ class Trainer:
                         dtype = run.model.W_enc.dtype
                         run.model.init_from_batch(x.to(self.device, dtype), y.to(self.device, dtype))
                 outputs = [self._train_step(run, x, y) for run, x, y in zip(self.runs, batch.sources, batch.targets)]
+                self._collect_samples(outputs, batch)
+                for run, out in zip(self.runs, outputs):
+                    accumulate(run.interval, out)
                 self.step += 1
                 bar.update(1)
                 last = self.step == self.total_steps
@@ -175,8 +226,8 @@ class Trainer:
                     now = time.perf_counter()
                     tokens_per_s = (self.step - tick_step) * self.runs[0].cfg.batch_size / (now - tick)
                     tick, tick_step = now, self.step
-                    for run, out in zip(self.runs, outputs):
-                        self._log(run, out, tokens_per_s)
+                    for run in self.runs:
+                        self._log(run, tokens_per_s)
                     first = self.runs[0].last_metrics
                     bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
                 if self.step % self.runs[0].cfg.checkpoint_every == 0 or last:
@@ -188,6 +239,7 @@ class Trainer:
                                         "checkpoint written, --resume auto continues")
             for run in self.runs:
                 self._save_final(run)
+                self._save_samples(run)
         finally:
             bar.close()
             restore_signals()
@@ -222,8 +274,15 @@ class Trainer:
                 f"Try a lower lr (now {run.cfg.lr:g}), a longer warmup_steps (now {run.cfg.warmup_steps}), "
                 f"grad_clip, or model_dtype='float32' if the language model overflows in float16.")
 
-    def _log(self, run: Run, out, tokens_per_s: float) -> None:
-        metrics = out.metrics()
+    def _log(self, run: Run, tokens_per_s: float) -> None:
+        """One metrics line: losses, FVUs and L0 averaged over the steps since the last line (a single
+        batch is noisy), dead count as of the last step."""
+        sums, steps = run.interval, run.interval["steps"]
+        averaged = TrainingOutput(loss=sums["loss"] / steps, fvu_per_prefix=sums["fvu_per_prefix"] / steps,
+                                  aux_loss=sums["aux_loss"] / steps, l0=sums["l0"] / steps,
+                                  n_dead=sums["n_dead"], d_sae=run.cfg.d_sae, latents=None)
+        run.interval = {}
+        metrics = averaged.metrics()
         metrics.update(step=self.step, tokens=self.step * run.cfg.batch_size,
                        lr=learning_rate(self.step - 1, run.cfg), tokens_per_s=tokens_per_s)
         run.last_metrics = metrics
@@ -237,13 +296,32 @@ class Trainer:
                 raise NonFiniteError(self._non_finite_message(run, "the weights"))
             state = {"step": self.step, "optimizer": run.optimizer.state_dict(),
                      "tokens_since_fired": run.model.tokens_since_fired.cpu(),
+                     "samples": run.samples.state_dict() if run.samples is not None else None,
+                     "interval": {k: v.cpu() if torch.is_tensor(v) else v for k, v in run.interval.items()},
                      "store": self.store.state_dict(), "torch_rng": torch.get_rng_state()}
             meta = {"tokens": self.step * run.cfg.batch_size, "metrics": run.last_metrics, "time": time.time()}
             path = write_checkpoint(run.run_dir, self.step, run.model, state, meta)
+            self._wait_for_mirror(run)  # the background copy may still be reading an older checkpoint
             prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
             run.logger.log_checkpoint(path, self.step)
             self._mirror(run, [(path, f"checkpoints/{path.name}"), (run.run_dir / METRICS_FILE, METRICS_FILE),
                                (run.run_dir / "config.json", "config.json")], prune=True)
+
+    def _collect_samples(self, outputs, batch) -> None:
+        for run, out in zip(self.runs, outputs):
+            if run.samples is not None and self.step % run.cfg.samples_every == 0:
+                run.samples.update(out.latents, batch.context_ids.to(self.device), batch.positions.to(self.device))
+
+    def _save_samples(self, run: Run) -> None:
+        """Top-activating contexts with their tokens, under `samples/` (needs a store that can re-read
+        its contexts; synthetic stores have none)."""
+        make_contexts = getattr(self.store, "make_contexts", None)
+        if run.samples is None or make_contexts is None or run.samples.tokens_seen == 0:
+            return
+        meta = {"model_name": run.cfg.model_name, "source_hook": run.cfg.source_hook,
+                "target_hook": run.cfg.target_hook, "prefix_sizes": run.cfg.prefix_sizes, "step": self.step}
+        path = run.samples.save(run.run_dir / "samples", context_lookup(make_contexts), meta=meta)
+        self._mirror(run, [(path, "samples")], prune=False)
 
     def _save_final(self, run: Run) -> None:
         tmp, final = run.run_dir / ".tmp-final", run.run_dir / "final"

@@ -90,6 +90,7 @@ class TrainingOutput:
     l0: Tensor  # mean active latents per token
     n_dead: Tensor
     d_sae: int
+    latents: Tensor | None  # [tokens, d_sae] BatchTopK activations, detached (for activation samples)
 
     def metrics(self) -> dict[str, float]:
         """The brief's metric names as Python floats (this syncs with the device)."""
@@ -160,7 +161,9 @@ class MatryoshkaTranscoder(nn.Module):
     def encode(self, x: Float[Tensor, "... d_in"], prefix: int | None = None) -> Float[Tensor, "... m"]:
         """JumpReLU latent activations (dense layout) of the first `prefix` groups."""
         a = self.pre_activations(x, prefix)
-        return (a * (a > self.threshold)).reshape(*x.shape[:-1], a.shape[-1])
+        # a scalar threshold, or a per-latent one (imported JumpReLU transcoders)
+        threshold = self.threshold if self.threshold.ndim == 0 else self.threshold[:a.shape[-1]]
+        return (a * (a > threshold)).reshape(*x.shape[:-1], a.shape[-1])
 
     def decode(self, z: Float[Tensor, "... m"], prefix: int | None = None) -> Float[Tensor, "... d_out"]:
         """Reconstruction from the first `prefix` groups of latents (the skip path is not included:
@@ -207,6 +210,7 @@ class MatryoshkaTranscoder(nn.Module):
             l0=(z > 0).sum(-1).float().mean(),
             n_dead=dead_mask.sum(),
             d_sae=self.cfg.d_sae,
+            latents=z.detach(),
         )
 
     @torch.no_grad()

@@ -13,7 +13,8 @@ CROSS = ("blocks.0.hook_resid_post", "blocks.2.hook_mlp_out")
 
 def config(**changes):
     base = dict(source_hook=PAIR[0], target_hook=PAIR[1], d_in=64, d_out=64, d_sae=128, k=4, batch_size=64,
-                total_tokens=64 * 100, warmup_steps=0, seq_len=24, buffer_tokens=400, model_batch_size=4)
+                total_tokens=64 * 100, warmup_steps=0, seq_len=24, buffer_tokens=400, model_batch_size=4,
+                dataset="pydoc")
     base.update(changes)
     return TranscoderConfig(**base)
 

@@ -40,7 +40,7 @@ CPU = settings_for(None, None, None)
 # ---------------------------------------------------------------------- dtype choice
 def test_t4_runs_the_model_in_float16():
     gpu = settings_for("Tesla T4", (7, 5), 15.0)
-    assert (gpu.device, gpu.model_dtype, gpu.activation_dtype) == ("cuda", "float16", "float32")
+    assert (gpu.device, gpu.model_dtype, gpu.activation_dtype) == ("cuda", "float16", "float16")
     assert not gpu.native_bf16
     assert gpu.compute_capability == (7, 5) and gpu.memory_gb == 15.0
     assert "finite" in gpu.note and "float32" in gpu.note and "\n" not in gpu.note

@@ -83,3 +83,9 @@ def test_missing_or_broken_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         TranscoderConfig.load(tmp_path / "config.json")
+
+
+def test_offline_corpus_budget_is_checked_up_front():
+    with pytest.raises(ValueError, match=r"TranscoderConfig\.total_tokens: .*offline 'pydoc' corpus"):
+        TranscoderConfig(dataset="pydoc", total_tokens=16_000_000)
+    TranscoderConfig(dataset="HuggingFaceFW/fineweb-edu", total_tokens=16_000_000)

@@ -19,7 +19,7 @@ HOOK = "blocks.1.hook_mlp_out"
 def identity_transcoder(source=HOOK, target=HOOK, prefix_sizes=(64, 128)):
     """Latents relu(x) and relu(-x); decoding their difference gives x back exactly."""
     cfg = TranscoderConfig(source_hook=source, target_hook=target, d_in=64, d_out=64, d_sae=128,
-                           prefix_sizes=list(prefix_sizes), k=8)
+                           prefix_sizes=list(prefix_sizes), k=8, dataset="pydoc", total_tokens=100_000, warmup_steps=0)
     model = MatryoshkaTranscoder(cfg)
     eye = torch.eye(64)
     with torch.no_grad():
@@ -104,3 +104,20 @@ def test_eval_cli_writes_report_and_plot(gemma2_bridge, tiny_dirs, tmp_path):
     assert report["full"]["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
     assert (run / "eval.png").stat().st_size > 1000
     assert "ce_score" in result.stdout
+
+
+def test_bos_is_never_replaced_in_spliced_runs(gemma2_bridge, contexts):
+    """A transcoder that predicts garbage changes CE, but the BOS position keeps the model's own value:
+    splicing a zero transcoder equals zero-ablating every position except BOS."""
+    silent = identity_transcoder()
+    with torch.no_grad():
+        silent.W_dec.zero_()
+    report = evaluate(silent, gemma2_bridge, contexts[:2])
+    tokens = contexts[:2]
+    keep = tokens != gemma2_bridge.tokenizer.bos_token_id
+    with torch.no_grad():
+        logits = gemma2_bridge.run_with_hooks(tokens, fwd_hooks=[
+            (HOOK, lambda value, hook: torch.where(keep[..., None], torch.zeros_like(value), value))])
+    log_probs = torch.log_softmax(logits[:, :-1].float(), -1)
+    ce = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0][keep[:, 1:]].double().mean()
+    assert report["ce_zero_ablation"] == pytest.approx(float(ce), rel=1e-5)

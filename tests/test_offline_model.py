@@ -20,7 +20,8 @@ def test_offline_model_gives_real_mlp_activation_pairs(gemma3):
     source, target = default_hooks(6)
     cfg = fit_config_to_model(TranscoderConfig(model_name=OFFLINE_MODEL, source_hook=source, target_hook=target,
                                                d_sae=1024, k=16, batch_size=256, total_tokens=256 * 10,
-                                               warmup_steps=0, seq_len=64, buffer_tokens=1024, model_batch_size=8),
+                                               warmup_steps=0, seq_len=64, buffer_tokens=1024, model_batch_size=8,
+                                               dataset="pydoc"),
                               gemma3)
     assert (cfg.d_in, cfg.d_out) == (640, 640)
     store = build_store(gemma3, [cfg])
@@ -46,3 +47,28 @@ def test_offline_model_predicts_text(gemma3):
         logits = gemma3(tokens)
     top5 = [gemma3.tokenizer.decode(i).strip() for i in logits[0, -1].topk(5).indices]
     assert "Paris" in top5, top5  # a random model would almost never rank it in 262k tokens
+
+
+def test_short_demo_run_on_the_offline_model_evaluates(gemma3, tmp_path):
+    """A few steps of the demo preset through the Trainer, then the splice evaluation on held-out text."""
+    from mtc.evaluate import evaluate, held_out_contexts
+    from mtc.presets import PRESETS
+    from mtc.samples import load_samples
+    from mtc.train import Trainer
+
+    settings = {**PRESETS["demo"], "total_tokens": 512 * 20, "warmup_steps": 2, "log_every": 10,
+                "checkpoint_every": 20, "buffer_tokens": 4096, "output_dir": str(tmp_path), "drive_dir": "none",
+                "wandb_mode": "disabled", "samples_every": 5}
+    cfg = fit_config_to_model(TranscoderConfig(**settings), gemma3)
+    trainer = Trainer([cfg], build_store(gemma3, [cfg]), progress=False)
+    (metrics,) = trainer.train()
+    assert metrics["fvu"] < 1.0
+    samples = load_samples(cfg.run_dir)
+    assert samples.tokens_seen == 4 * 512
+
+    report = evaluate(trainer.runs[0].model, gemma3, held_out_contexts(gemma3, "pydoc", 256, 64), batch_size=2)
+    assert report["ce_zero_ablation"] > report["ce_clean"]
+    rows = report["prefixes"]
+    assert [r["latents"] for r in rows] == cfg.prefix_sizes
+    assert all(0 < r["fvu"] < 1.5 and r["kl_div"] >= 0 for r in rows)
+    assert rows[-1]["l0"] > rows[0]["l0"]

@@ -98,10 +98,11 @@ def test_mirror_receives_checkpoints_and_a_new_machine_resumes_from_it(tmp_path)
     assert [p.name for p in list_checkpoints(mirror)] == ["step_10", "step_20"]
     assert (mirror / "final" / "model.safetensors").is_file() and (mirror / "metrics.jsonl").is_file()
 
-    # a fresh machine: nothing local, a longer budget; training continues from the mirror's step 20
+    # a fresh machine: nothing local, a longer budget; training continues from the mirror's step 20,
+    # and the metrics history logged before the move comes along
     fresh = config(tmp_path / "fresh", total_tokens=256 * 30)
     trainer, _ = train(fresh, mirror_dirs=[mirror])
-    assert trainer._resumed and [m["step"] for m in read_metrics(fresh.run_dir)] == [25, 30]
+    assert trainer._resumed and [m["step"] for m in read_metrics(fresh.run_dir)] == [5, 10, 15, 20, 25, 30]
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
@@ -167,7 +168,7 @@ def cli(tiny_dir, out, *extra, env=None):
     args = [sys.executable, "-m", "mtc", "train", "--model-name", str(tiny_dir), "--layer", "1", "--d-sae", "128",
             "--k", "4", "--batch-size", "64", "--total-tokens", str(64 * 300), "--warmup-steps", "5",
             "--seq-len", "32", "--buffer-tokens", "1024", "--model-batch-size", "8", "--checkpoint-every", "10",
-            "--log-every", "10", "--drive-dir", "none", "--output-dir", str(out), "--run-name", "r",
+            "--log-every", "10", "--drive-dir", "none", "--output-dir", str(out), "--run-name", "r", "--dataset", "pydoc",
             "--no-progress", *extra]
     return args
 
@@ -207,20 +208,18 @@ def test_sigkill_at_any_point_then_resume_gives_bit_identical_weights(tiny_dirs,
 
 def test_demo_preset_end_to_end_without_wandb_key_or_tty(tiny_dirs, tmp_path):
     """The demo preset on a tiny model through the CLI, with no W&B key, no TTY and WANDB_MODE unset:
-    it must not prompt, must log offline and must finish in well under a minute."""
+    it must not prompt (a prompt would hang until the timeout) and must log offline."""
     args = [sys.executable, "-m", "mtc", "train", "--preset", "demo", "--model-name", str(tiny_dirs["gemma2"]),
             "--layer", "1", "--total-tokens", str(512 * 40), "--buffer-tokens", "8192", "--output-dir",
             str(tmp_path), "--drive-dir", "none", "--no-progress"]
-    start = time.time()
     result = subprocess.run(args, env=clean_env(HOME=str(tmp_path)), stdin=subprocess.DEVNULL, capture_output=True,
                             text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert time.time() - start < 60
     assert "W&B: offline, no API key found" in result.stderr
     assert f"run_dir: {tmp_path / 'demo'}" in result.stdout
     assert (tmp_path / "demo" / "final" / "model.safetensors").is_file()
     assert list((tmp_path / "demo" / "wandb").glob("offline-run-*"))
-    assert len(read_metrics(tmp_path / "demo")) == 40 // 25 + 1
+    assert [m["step"] for m in read_metrics(tmp_path / "demo")] == [25, 40]
 
 
 def test_cli_rejects_bad_settings_before_loading_a_model(tmp_path):
@@ -229,3 +228,19 @@ def test_cli_rejects_bad_settings_before_loading_a_model(tmp_path):
                             env=clean_env(), capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 2
     assert "TranscoderConfig.prefix_sizes: must be strictly increasing" in result.stderr
+
+
+def test_starting_afresh_over_an_old_run_is_refused(tmp_path):
+    train(config(tmp_path))
+    with pytest.raises(ValueError, match=r"already holds checkpoints of a run \(steps \[20, 30\]\).*new run_name"):
+        Trainer([config(tmp_path)], SyntheticStore(48, 40, 256), progress=False, resume="never")
+
+
+def test_resume_from_the_mirror_keeps_the_mirrors_metrics_history(tmp_path):
+    mirror = tmp_path / "drive" / "syn"
+    with pytest.raises(StopRequested):
+        train(config(tmp_path / "a"), store=SignalStore(48, 40, 256, signal_at=12), mirror_dirs=[mirror])
+    fresh = config(tmp_path / "fresh")
+    train(fresh, mirror_dirs=[mirror])
+    steps = [m["step"] for m in read_metrics(mirror)]
+    assert steps == [5, 10, 15, 20, 25, 30]

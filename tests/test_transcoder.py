@@ -1,5 +1,3 @@
-import time
-
 import pytest
 import torch
 
@@ -210,7 +208,6 @@ def planted_data(n_features=64, d_in=48, d_out=40, seed=0):
 
 
 def test_learns_planted_sparse_structure():
-    start = time.perf_counter()
     sample = planted_data()
     cfg = TranscoderConfig(d_in=48, d_out=40, d_sae=128, prefix_sizes=[16, 64, 128], k=8, k_aux=16,
                            dead_after_tokens=20_000, batch_size=512, total_tokens=512 * 1500, lr=3e-3,
@@ -233,7 +230,6 @@ def test_learns_planted_sparse_structure():
         held_out = [float(reference_fvu(y, model(x, prefix=g))) for g in (1, 2, 3)]
     assert held_out[-1] < 0.1, held_out
     assert held_out[0] > held_out[1] > held_out[2], "coarse-to-fine: longer prefixes must reconstruct better"
-    assert time.perf_counter() - start < 60
 
 
 def test_bias_init_centres_pre_activations_so_latents_are_not_born_dead():
