@@ -184,8 +184,11 @@ def plot_matryoshka_curve(reports: dict[str, dict], path: Path) -> Path:
         sizes = [row["latents"] for row in report["prefixes"]]
         ax_fvu.plot(sizes, [row["fvu"] for row in report["prefixes"]], marker="o", label=name)
         ax_ce.plot(sizes, [row["ce_loss_score"] for row in report["prefixes"]], marker="o", label=name)
+    sizes = sorted({row["latents"] for report in reports.values() for row in report["prefixes"]})
     for ax, title in ((ax_fvu, "FVU (lower is better)"), (ax_ce, "CE loss score (higher is better)")):
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(m) for m in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("latents in prefix")
         ax.set_title(title)
         ax.grid(alpha=0.3)
