@@ -42,7 +42,7 @@ class JumpReLUTranscoder(MatryoshkaTranscoder):
 
     def __init__(self, cfg: TranscoderConfig, device: torch.device | str | None = None):
         super().__init__(cfg, device=device)
-        self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=torch_dtype(cfg.dtype), device=device))
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=torch.float32, device=device))
 
 
 def per_latent_threshold(model: MatryoshkaTranscoder) -> torch.Tensor:

@@ -122,8 +122,9 @@ class MatryoshkaTranscoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, **kw))
         self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out, **kw)) if cfg.skip_connection else None
-        # 0 means "not estimated yet": the first training step sets it directly.
-        self.register_buffer("threshold", torch.zeros((), **kw))
+        # 0 means "not estimated yet": the first training step sets it directly. Always float32: a 1%
+        # moving-average update would vanish in bfloat16 rounding.
+        self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
         # Firing counters are trainer state (saved with checkpoints), not weights.
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device),
                              persistent=False)

@@ -73,3 +73,16 @@ def test_gemma_scope_export_reproduced_by_numpy_jumprelu(tmp_path):
 def test_gemma_scope_export_refuses_a_skip_path(tmp_path):
     with pytest.raises(ValueError, match="no skip path"):
         mtc.export_gemma_scope(trained_model(skip_connection=True), tmp_path)
+
+
+def test_bfloat16_transcoder_keeps_a_float32_threshold(tmp_path):
+    model = MatryoshkaTranscoder(TranscoderConfig(d_in=16, d_out=12, d_sae=64, k=4, dtype="bfloat16",
+                                                  total_tokens=3200, batch_size=32, warmup_steps=0))
+    assert model.W_enc.dtype == torch.bfloat16 and model.threshold.dtype == torch.float32
+    x, y = torch.randn(32, 16, dtype=torch.bfloat16), torch.randn(32, 12, dtype=torch.bfloat16)
+    model.training_forward(x, y)
+    first = float(model.threshold)
+    model.training_forward(x * 1.01, y)  # a 1% move of the EMA input must register
+    assert float(model.threshold) != first
+    mtc.save(model, tmp_path / "m")
+    assert mtc.load(tmp_path / "m").threshold.dtype == torch.float32
