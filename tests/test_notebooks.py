@@ -12,11 +12,10 @@ import re
 import shutil
 from pathlib import Path
 
+import ipykernel  # noqa: F401  (the kernel nbclient starts; part of the dev extra, never skipped)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 TRAIN, MONITOR, INSPECT = (NOTEBOOKS / name for name in (
