@@ -50,12 +50,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decoder", default="sparse", choices=["sparse", "dense"],
+                        help="training decode of both transcoders (dense is the reference path)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     sizes = [args.d_sae // 2 ** (args.prefixes - 1 - g) for g in range(args.prefixes)]
     common = dict(d_in=args.d_in, d_out=args.d_in, d_sae=args.d_sae, k=args.k, batch_size=args.batch,
-                  total_tokens=args.batch * 10, warmup_steps=0)
+                  total_tokens=args.batch * 10, warmup_steps=0, decoder=args.decoder)
     x = torch.randn(args.batch, args.d_in, device=args.device)
     y = torch.randn(args.batch, args.d_in, device=args.device)
 
@@ -67,7 +69,7 @@ def main() -> None:
         matryoshka.step(x, y)
     plain_ms, matryoshka_ms = plain.median_ms(args.warmup), matryoshka.median_ms(args.warmup)
     print(f"device={args.device} threads={torch.get_num_threads()} d_in=d_out={args.d_in} d_sae={args.d_sae} "
-          f"k={args.k} batch={args.batch} float32")
+          f"k={args.k} batch={args.batch} float32 decoder={args.decoder}")
     print(f"plain BatchTopK step  : {plain_ms:8.1f} ms")
     print(f"Matryoshka step ({args.prefixes} prefixes {sizes}): {matryoshka_ms:8.1f} ms")
     print(f"ratio Matryoshka / plain: {matryoshka_ms / plain_ms:.3f}  (target <= 1.25)")

@@ -56,6 +56,7 @@ class TranscoderConfig:
     prefix_weights: list[float] | None = None
     k: int = 96
     skip_connection: bool = False
+    decoder: str = "sparse"  # training decode: "sparse" (active latents only) or "dense" (reference)
 
     # --- sparsity machinery
     k_aux: int = 512
@@ -196,6 +197,8 @@ class TranscoderConfig:
             fail("total_tokens", f"{self.total_tokens:,} tokens exceed what the offline 'pydoc' corpus holds "
                  f"(about half a million)", "lower total_tokens or set dataset to a larger corpus, e.g. "
                  "HuggingFaceFW/fineweb-edu")
+        if self.decoder not in ("sparse", "dense"):
+            fail("decoder", f"unknown decoder {self.decoder!r}", "use 'sparse' (fast) or 'dense' (reference)")
         if self.samples_every < 0:
             fail("samples_every", f"must be >= 0, got {self.samples_every}", "use 0 to collect no samples")
         if self.seq_len < 2:

@@ -53,6 +53,25 @@ def decode_prefixes(
     return group_outputs.cumsum(0) + b_dec
 
 
+def decode_prefixes_sparse(
+    z: Float[Tensor, "batch d_sae"],
+    W_dec: Float[Tensor, "d_sae d_out"],
+    b_dec: Float[Tensor, " d_out"],
+    prefix_sizes: list[int],
+) -> Float[Tensor, "prefix batch d_out"]:
+    """`decode_prefixes`, touching only the active latents (about k of d_sae per token): every
+    (group, token) pair is one bag of an embedding-bag sum over decoder rows, then cumulative sums."""
+    n_tokens, n_groups = z.shape[0], len(prefix_sizes)
+    tokens, latents = z.detach().nonzero(as_tuple=True)
+    values = z[tokens, latents]  # gradients flow back to the kept activations through this gather
+    groups = torch.bucketize(latents, torch.tensor(prefix_sizes[:-1], device=z.device), right=True)
+    bags = groups * n_tokens + tokens
+    order = bags.argsort()
+    offsets = torch.searchsorted(bags[order], torch.arange(n_groups * n_tokens, device=z.device))
+    group_outputs = F.embedding_bag(latents[order], W_dec, offsets, mode="sum", per_sample_weights=values[order])
+    return group_outputs.view(n_groups, n_tokens, -1).cumsum(0) + b_dec
+
+
 def fvu(y: Float[Tensor, "batch d"], y_hat: Float[Tensor, "*prefix batch d"]) -> Tensor:
     """Fraction of variance unexplained, `sum((y - y_hat)^2) / sum((y - mean_batch(y))^2)`.
     A leading prefix dimension on `y_hat` gives one FVU per prefix."""
@@ -193,7 +212,8 @@ class MatryoshkaTranscoder(nn.Module):
             raise ValueError(f"x and y must hold the same tokens, got {x.shape[0]} and {y.shape[0]}")
         pre_acts = F.relu(x @ self.W_enc + self.b_enc)
         z, smallest_kept = batch_topk(pre_acts, self.cfg.k)
-        y_hats = decode_prefixes(z, self.W_dec, self.b_dec, self.cfg.prefix_sizes)
+        decode = decode_prefixes_sparse if self.cfg.decoder == "sparse" else decode_prefixes
+        y_hats = decode(z, self.W_dec, self.b_dec, self.cfg.prefix_sizes)
         if self.W_skip is not None:
             y_hats = y_hats + x @ self.W_skip
         fvu_per_prefix = fvu(y, y_hats)

@@ -245,3 +245,32 @@ def test_bias_init_centres_pre_activations_so_latents_are_not_born_dead():
     torch.testing.assert_close(model.b_dec, y.mean(0))
     fired_after = batch_topk(model.pre_activations(x), 4)[0].gt(0).any(0).sum()
     assert fired_after > 2 * fired_before and fired_after > 0.5 * 256
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparse_and_dense_decoders_give_the_same_loss_and_gradients(skip):
+    x, y = torch.randn(64, 16), torch.randn(64, 12)
+    results = {}
+    for decoder in ("dense", "sparse"):
+        torch.manual_seed(3)
+        model = randomise(make(decoder=decoder, skip_connection=skip, dead_after_tokens=10))
+        model.tokens_since_fired[50:] = 100  # some dead latents, so AuxK is in the loss too
+        out = model.training_forward(x, y)
+        out.loss.backward()
+        results[decoder] = (out.loss.detach(), out.fvu_per_prefix,
+                            {n: p.grad.clone() for n, p in model.named_parameters()})
+    (loss_d, fvu_d, grads_d), (loss_s, fvu_s, grads_s) = results["dense"], results["sparse"]
+    torch.testing.assert_close(loss_s, loss_d, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fvu_s, fvu_d, rtol=1e-5, atol=1e-6)
+    for name in grads_d:
+        torch.testing.assert_close(grads_s[name], grads_d[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sparse_decode_matches_dense_decode_on_a_batch_with_empty_tokens():
+    from mtc.transcoder import decode_prefixes_sparse
+
+    model = randomise(make())
+    z = torch.relu(torch.randn(10, 64)) * (torch.rand(10, 64) < 0.1)
+    z[3] = 0.0  # a token with no active latent
+    torch.testing.assert_close(decode_prefixes_sparse(z, model.W_dec, model.b_dec, [8, 24, 64]),
+                               decode_prefixes(z, model.W_dec, model.b_dec, [8, 24, 64]), rtol=1e-5, atol=1e-6)
