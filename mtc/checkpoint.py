@@ -31,14 +31,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`safetensors` file written under a temporary name, then renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def save(model: MatryoshkaTranscoder, path: str | Path) -> Path:
     """Write `model.safetensors` (parameters and threshold) and `config.json` into folder `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    tmp = path / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "mtc"})
-    os.replace(tmp, path / WEIGHTS_FILE)
+    tensors = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    atomic_save_tensors(tensors, path / WEIGHTS_FILE, metadata={"format": "mtc"})
     atomic_write_bytes(path / CONFIG_FILE, (model.cfg.to_json() + "\n").encode())
     return path
 

@@ -129,12 +129,13 @@ def eval_command(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
 
 
 def write_reports(reports: dict[str, dict], folder: Path, stem: str) -> None:
+    from .checkpoint import atomic_write_bytes
     from .evaluate import format_table, plot_matryoshka_curve
 
     folder.mkdir(parents=True, exist_ok=True)
     clean = {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in reports.items()}
-    (folder / f"{stem}.json").write_text(json.dumps(clean if len(clean) > 1 else next(iter(clean.values())),
-                                                    indent=2) + "\n")
+    report = clean if len(clean) > 1 else next(iter(clean.values()))
+    atomic_write_bytes(folder / f"{stem}.json", (json.dumps(report, indent=2) + "\n").encode())
     plot_matryoshka_curve(clean, folder / f"{stem}.png")
     print(format_table(clean))
     print(f"wrote {folder / (stem + '.json')} and {folder / (stem + '.png')}")
@@ -200,7 +201,7 @@ def train_command(args: argparse.Namespace) -> int:
         return 1
     except StopRequested as stop:
         print(str(stop), file=sys.stderr)
-        return 128 + (trainer._stop_signal or 0)
+        return 128 + stop.signum
     for cfg, metrics, mirror in zip(configs, results, mirrors):
         prefixes = " ".join(f"{metrics[f'fvu/prefix_{g}']:.3f}" for g in range(1, cfg.n_prefixes + 1))
         print(f"{cfg.run_name}: final fvu={metrics['fvu']:.4f} (per prefix {prefixes}) l0={metrics['l0']:.1f} "

@@ -16,7 +16,6 @@ BOS positions are excluded from every token average and are never replaced in sp
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +25,9 @@ from torch import Tensor
 
 from .data import load_documents, pack_contexts, special_token_ids, split_documents
 from .language_model import validate_hooks
-from .transcoder import MatryoshkaTranscoder, fvu
+from .transcoder import MatryoshkaTranscoder
 
 DENSE_FREQUENCY = 0.1
-EVAL_FILE = "eval.json"
 
 
 def held_out_contexts(bridge, dataset: str, n_tokens: int, seq_len: int, split: str = "train",
@@ -100,6 +98,8 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
             l0_sums[g - 1] += float(active.sum())
             residual_sq[g - 1] += float((y - model(x, prefix=g)).double().pow(2).sum())
 
+        hooked: dict[str, Tensor] = {}  # the source activation of the pass in progress
+
         def replace(value: Tensor, hook, prefix: int | None) -> Tensor:
             """The transcoder's prediction (or zeros) at every position but BOS, which the transcoder
             never trained on and which Gemma uses as an attention sink."""
@@ -108,8 +108,6 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
             else:
                 new = model(hooked[source].to(model.W_enc.dtype), prefix=prefix).to(value.dtype)
             return torch.where(keep[..., None], new, value)
-
-        hooked: dict[str, Tensor] = {}
 
         def keep_source(value: Tensor, hook) -> Tensor:
             hooked[source] = value
@@ -196,12 +194,4 @@ def plot_matryoshka_curve(reports: dict[str, dict], path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
-
-
-def save_report(report: dict, folder: Path) -> Path:
-    path = Path(folder) / EVAL_FILE
-    tmp = path.with_name(EVAL_FILE + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
     return path

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write_bytes, check_state_matches, load
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, atomic_write_bytes, check_state_matches, load
 from .config import TranscoderConfig, torch_dtype
 from .transcoder import MatryoshkaTranscoder
 
@@ -52,12 +52,6 @@ def per_latent_threshold(model: MatryoshkaTranscoder) -> torch.Tensor:
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().cpu()
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _build(cfg: TranscoderConfig, tensors: dict[str, torch.Tensor], source: str,
@@ -202,7 +196,7 @@ def export_saelens(model: MatryoshkaTranscoder, folder: str | Path) -> Path:
             "dataset_path": cfg.dataset, "prefix_sizes": cfg.prefix_sizes, "mtc_config": cfg.to_dict(),
         },
     }
-    _save_safetensors(tensors, folder / SAELENS_WEIGHTS, {"format": "pt"})
+    atomic_save_tensors(tensors, folder / SAELENS_WEIGHTS, {"format": "pt"})
     atomic_write_bytes(folder / SAELENS_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return folder
 
@@ -263,7 +257,7 @@ def export_circuit_tracer(model: MatryoshkaTranscoder, folder: str | Path, layer
                "b_dec": _cpu(model.b_dec), "activation_function.threshold": per_latent_threshold(model)}
     if model.W_skip is not None:
         tensors["W_skip"] = _cpu(model.W_skip.T)  # circuit-tracer computes x @ W_skip.T
-    _save_safetensors(tensors, folder / f"layer_{layer}.safetensors",
+    atomic_save_tensors(tensors, folder / f"layer_{layer}.safetensors",
                       {"format": "pt", "mtc_config": cfg.to_json()})
     config = {**existing, **settings, "scan": existing.get("scan", f"mtc/{cfg.run_name}")}
     atomic_write_bytes(config_path, yaml.safe_dump(config, sort_keys=False).encode())

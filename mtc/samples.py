@@ -11,15 +11,16 @@ A saved samples folder holds `index.json` (sizes, window, meta) and one `samples
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from .checkpoint import atomic_save_tensors, atomic_write_bytes
 
 INDEX_FILE = "index.json"
 ARRAYS_FILE = "samples.safetensors"
@@ -132,12 +133,9 @@ class SampleCollector:
             arrays[f"{kind}_tokens"] = _windows(rows, wanted, ctx, pos, before, after)
         index = dict(format="mtc-samples", version=1, d_sae=self.d_sae, top_n=self.top_n, n_random=self.n_random,
                      window=[before, after], tokens_seen=self.tokens_seen, arrays=ARRAYS_FILE, meta=meta or {})
-        tmp = folder / (ARRAYS_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in arrays.items()}, str(tmp), metadata={"format": "mtc-samples"})
-        os.replace(tmp, folder / ARRAYS_FILE)
-        tmp = folder / (INDEX_FILE + ".tmp")
-        tmp.write_text(json.dumps(index, indent=1) + "\n")
-        os.replace(tmp, folder / INDEX_FILE)  # last: a folder with an index is complete
+        atomic_save_tensors(arrays, folder / ARRAYS_FILE, metadata={"format": "mtc-samples"})
+        # last: a folder with an index is complete
+        atomic_write_bytes(folder / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
         return folder
 
 

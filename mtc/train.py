@@ -40,6 +40,10 @@ class NonFiniteError(RuntimeError):
 class StopRequested(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was written before stopping."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
 
 def learning_rate(step: int, cfg: TranscoderConfig) -> float:
     """Linear warmup to `lr` over `warmup_steps`, then cosine decay reaching `min_lr` at the last step."""
@@ -236,7 +240,7 @@ class Trainer:
                     if self.step % self.runs[0].cfg.checkpoint_every and not last:
                         self.checkpoint()
                     raise StopRequested(f"stopped by signal {self._stop_signal} at step {self.step}; "
-                                        "checkpoint written, --resume auto continues")
+                                        "checkpoint written, --resume auto continues", self._stop_signal)
             for run in self.runs:
                 self._save_final(run)
                 self._save_samples(run)
