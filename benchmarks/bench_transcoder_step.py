@@ -13,6 +13,7 @@ import time
 import torch
 
 from mtc import MatryoshkaTranscoder, TranscoderConfig
+from mtc.train import make_optimizer, train_step
 
 
 class StepTimer:
@@ -20,17 +21,12 @@ class StepTimer:
 
     def __init__(self, cfg: TranscoderConfig, device: str):
         self.model = MatryoshkaTranscoder(cfg, device=device)
-        self.optimiser = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimiser = make_optimizer(self.model, cfg)
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         start = time.perf_counter()
-        out = self.model.training_forward(x, y)
-        self.optimiser.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.model.remove_parallel_decoder_grad()
-        self.optimiser.step()
-        self.model.normalize_decoder()
+        train_step(self.model, self.optimiser, x, y, lr=self.model.cfg.lr)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - start)
@@ -50,14 +46,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--decoder", default="sparse", choices=["sparse", "dense"],
-                        help="training decode of both transcoders (dense is the reference path)")
+    parser.add_argument("--kernels", default="sparse", choices=["sparse", "dense"],
+                        help="training maths of both transcoders (dense is the autograd reference)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     sizes = [args.d_sae // 2 ** (args.prefixes - 1 - g) for g in range(args.prefixes)]
     common = dict(d_in=args.d_in, d_out=args.d_in, d_sae=args.d_sae, k=args.k, batch_size=args.batch,
-                  total_tokens=args.batch * 10, warmup_steps=0, decoder=args.decoder)
+                  total_tokens=args.batch * 10, warmup_steps=0, kernels=args.kernels)
     x = torch.randn(args.batch, args.d_in, device=args.device)
     y = torch.randn(args.batch, args.d_in, device=args.device)
 
@@ -69,7 +65,7 @@ def main() -> None:
         matryoshka.step(x, y)
     plain_ms, matryoshka_ms = plain.median_ms(args.warmup), matryoshka.median_ms(args.warmup)
     print(f"device={args.device} threads={torch.get_num_threads()} d_in=d_out={args.d_in} d_sae={args.d_sae} "
-          f"k={args.k} batch={args.batch} float32 decoder={args.decoder}")
+          f"k={args.k} batch={args.batch} float32 kernels={args.kernels}")
     print(f"plain BatchTopK step  : {plain_ms:8.1f} ms")
     print(f"Matryoshka step ({args.prefixes} prefixes {sizes}): {matryoshka_ms:8.1f} ms")
     print(f"ratio Matryoshka / plain: {matryoshka_ms / plain_ms:.3f}  (target <= 1.25)")

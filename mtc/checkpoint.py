@@ -94,7 +94,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 RESUMABLE_CHANGES = {"total_tokens", "output_dir", "drive_dir", "log_every", "checkpoint_every",
                      "keep_checkpoints", "wandb_mode", "wandb_project", "wandb_entity",
                      "wandb_log_checkpoints", "device", "run_name", "samples_every", "samples_top_n",
-                     "model_dtype", "activation_dtype"}  # dtypes: a resumed run may land on another GPU
+                     "model_dtype", "activation_dtype", "compute_dtype",  # a resumed run may land on another GPU
+                     "kernels"}  # same maths, other kernels
 
 
 def write_checkpoint(run_dir: Path, step: int, model: MatryoshkaTranscoder, trainer_state: dict,

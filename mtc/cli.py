@@ -22,10 +22,12 @@ def _field_default(f):
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field; unset flags are absent from the parsed namespace."""
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per config field (except `skip`); unset flags are absent from the parsed namespace."""
     group = parser.add_argument_group("run settings (TranscoderConfig fields)")
     for f in fields(TranscoderConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = _field_default(f)
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {default!r}")
@@ -36,7 +38,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            group.add_argument(flag, type=type(default), **kw)
+            group.add_argument(flag, type=str if default is None else type(default), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="run dirs / model folders, or Gemma Scope params.npz files")
     compare.add_argument("--out", default=".", help="folder for compare.json and compare.png")
     add_eval_arguments(compare)
+
+    bench = commands.add_parser("bench", help="measure throughput: model forward, training pipeline, transcoder step",
+                                description=bench_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--preset", help="demo (default on CPU), gemma2-2b-l17 (default on GPU), or any train preset")
+    bench.add_argument("--parts", default="forward,pipeline,step", help="comma-separated: forward, pipeline, step")
+    bench.add_argument("--fills", type=int, default=3, help="buffer fills timed in forward and pipeline")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps of the transcoder step alone")
+    bench.add_argument("--dead-fraction", type=float, default=0.5,
+                       help="latents kept dead in the step alone, so AuxK costs what it does in a mature run")
+    bench.add_argument("--short", action="store_true", help="small buffers, one fill, three steps (CI)")
+    bench.add_argument("--synthetic", action="store_true", help="only the transcoder step, on random activations")
+    bench.add_argument("--random-weights", action="store_true",
+                       help="the preset model's architecture with random weights and the offline corpus (no download)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--json", default="bench.json", help="where to write the figures")
+    add_config_arguments(bench, skip=("device",))
     return parser
+
+
+def bench_doc() -> str:
+    from . import bench
+
+    return bench.__doc__
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -254,6 +278,33 @@ def collect_command(folder: Path, run_dir: Path, n_batches: int, device: str) ->
     print(f"wrote {path}", file=sys.stderr)
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, format_report, run_benchmark, write_report
+    from .presets import PRESETS
+
+    device = resolve_device(args.device)
+    preset = args.preset or ("gemma2-2b-l17" if device == "cuda" else "demo")
+    parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
+    unknown = set(parts) - {"forward", "pipeline", "step"}
+    if unknown or not parts:
+        raise ValueError(f"--parts: unknown part(s) {sorted(unknown)}; choose from forward, pipeline, step")
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config_fields = {f.name for f in fields(TranscoderConfig)}
+    overrides = {name: value for name, value in vars(args).items() if name in config_fields - {"device"}}
+    if args.random_weights:
+        overrides.setdefault("dataset", "pydoc")  # the text does not matter for throughput
+    settings = BenchSettings(preset=preset, device=device, parts=("step",) if args.synthetic else parts,
+                             fills=1 if args.short else args.fills, steps=3 if args.short else args.steps,
+                             dead_fraction=args.dead_fraction, short=args.short, synthetic=args.synthetic,
+                             random_weights=args.random_weights, overrides=overrides)
+    report = run_benchmark(settings)
+    print(format_report(report))
+    write_report(report, Path(args.json))
+    print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -268,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "samples":
             return samples_command(args)
+        if args.command == "bench":
+            return bench_command(args)
         if args.command == "compare":
             write_reports(eval_command(args, args.runs), Path(args.out), "compare")
             return 0

@@ -56,7 +56,7 @@ class TranscoderConfig:
     prefix_weights: list[float] | None = None
     k: int = 96
     skip_connection: bool = False
-    decoder: str = "sparse"  # training decode: "sparse" (active latents only) or "dense" (reference)
+    kernels: str = "sparse"  # training maths: "sparse" (gradients touch selected entries only) or "dense" (reference)
 
     # --- sparsity machinery
     k_aux: int = 512
@@ -85,6 +85,7 @@ class TranscoderConfig:
 
     # --- dtypes and device
     dtype: str = "float32"  # transcoder parameters and optimiser state
+    compute_dtype: str | None = None  # the encoder and skip matmuls; None: as `dtype` ("bfloat16" suits A100/L4/H100)
     model_dtype: str = "float32"  # language-model forward pass
     activation_dtype: str = "float32"  # activations kept in the shuffling buffer
     device: str = "auto"  # "auto" picks cuda when available, else cpu
@@ -105,7 +106,7 @@ class TranscoderConfig:
     samples_top_n: int = 16  # top contexts kept per latent
 
     def __post_init__(self) -> None:
-        for name in ("dtype", "model_dtype", "activation_dtype"):
+        for name in ("dtype", "compute_dtype", "model_dtype", "activation_dtype"):
             setattr(self, name, _dtype_name(getattr(self, name)))
         self.prefix_sizes = [int(m) for m in self.prefix_sizes] or [self.d_sae]
         if self.prefix_weights is not None:
@@ -161,8 +162,8 @@ class TranscoderConfig:
                  "the usual choice is (0.9, 0.999)")
         if self.k > self.d_sae:
             fail("k", f"k={self.k} exceeds d_sae={self.d_sae}", "use k <= d_sae")
-        for name in ("dtype", "model_dtype", "activation_dtype"):
-            if getattr(self, name) not in DTYPE_NAMES:
+        for name in ("dtype", "compute_dtype", "model_dtype", "activation_dtype"):
+            if getattr(self, name) not in DTYPE_NAMES and not (name == "compute_dtype" and self.compute_dtype is None):
                 fail(name, f"unknown dtype {getattr(self, name)!r}", f"use one of {', '.join(DTYPE_NAMES)}")
 
         sizes = self.prefix_sizes
@@ -197,8 +198,8 @@ class TranscoderConfig:
             fail("total_tokens", f"{self.total_tokens:,} tokens exceed what the offline 'pydoc' corpus holds "
                  f"(about half a million)", "lower total_tokens or set dataset to a larger corpus, e.g. "
                  "HuggingFaceFW/fineweb-edu")
-        if self.decoder not in ("sparse", "dense"):
-            fail("decoder", f"unknown decoder {self.decoder!r}", "use 'sparse' (fast) or 'dense' (reference)")
+        if self.kernels not in ("sparse", "dense"):
+            fail("kernels", f"unknown kernels {self.kernels!r}", "use 'sparse' (fast) or 'dense' (reference)")
         if self.samples_every < 0:
             fail("samples_every", f"must be >= 0, got {self.samples_every}", "use 0 to collect no samples")
         if self.seq_len < 2:
@@ -220,6 +221,8 @@ class TranscoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TranscoderConfig:
         known = {f.name for f in fields(cls)}
+        if "decoder" in data and "kernels" not in known - set(data):  # configs written before `kernels`
+            data = {("kernels" if name == "decoder" else name): value for name, value in data.items()}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"TranscoderConfig: unknown field(s) {unknown}; "

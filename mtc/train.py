@@ -54,6 +54,32 @@ def learning_rate(step: int, cfg: TranscoderConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def make_optimizer(model: MatryoshkaTranscoder, cfg: TranscoderConfig) -> torch.optim.Adam:
+    """Adam over the transcoder's parameters; the fused kernel (one pass over each tensor instead of a
+    dozen) where torch has it, CPU and CUDA."""
+    fused = model.W_enc.device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=fused)
+
+
+def train_step(model: MatryoshkaTranscoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               lr: float) -> TrainingOutput:
+    """One optimiser step on a batch: loss, backward, drop the decoder-parallel gradient, clip, Adam at
+    `lr`, renormalise decoder rows. Raises `FloatingPointError` (before touching the weights) when the
+    loss is not finite."""
+    out = model.training_forward(x, y)
+    if not torch.isfinite(out.loss):
+        raise FloatingPointError("non-finite loss")
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    model.remove_parallel_decoder_grad()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), model.cfg.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    model.normalize_decoder()
+    return out
+
+
 @dataclass
 class Run:
     """One transcoder being trained."""
@@ -112,7 +138,7 @@ class Trainer:
     def _new_run(self, cfg: TranscoderConfig, mirror_dir: Path | None) -> Run:
         torch.manual_seed(cfg.seed)
         model = MatryoshkaTranscoder(cfg, device=self.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        optimizer = make_optimizer(model, cfg)
         samples = SampleCollector(cfg.d_sae, top_n=cfg.samples_top_n, device=self.device, seed=cfg.seed) \
             if cfg.samples_every else None
         return Run(cfg=cfg, model=model, optimizer=optimizer, run_dir=cfg.run_dir, mirror_dir=mirror_dir,
@@ -176,7 +202,7 @@ class Trainer:
             if differences:
                 raise ValueError(f"checkpoint {path} belongs to a different run: " + "; ".join(differences)
                                  + ". Use the run's own config, or a new run_name to start another run.")
-            for name in ("model_dtype", "activation_dtype"):
+            for name in ("model_dtype", "activation_dtype", "compute_dtype", "kernels"):
                 if getattr(saved.cfg, name) != getattr(run.cfg, name):
                     print(f"note: {name} changed from {getattr(saved.cfg, name)} to {getattr(run.cfg, name)} "
                           "(another GPU?); the run continues but is no longer bit-identical to an "
@@ -253,23 +279,14 @@ class Trainer:
                     run.logger.finish()
         return [run.last_metrics for run in self.runs]
 
-    def _train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor):
-        model, cfg = run.model, run.cfg
-        dtype = model.W_enc.dtype
+    def _train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor) -> TrainingOutput:
+        dtype = run.model.W_enc.dtype
         x = x.to(self.device, dtype, non_blocking=True)
         y = y.to(self.device, dtype, non_blocking=True)
-        out = model.training_forward(x, y)
-        if not torch.isfinite(out.loss):
-            raise NonFiniteError(self._non_finite_message(run, "the loss"))
-        run.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        model.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, cfg)
-        run.optimizer.step()
-        model.normalize_decoder()
-        return out
+        try:
+            return train_step(run.model, run.optimizer, x, y, learning_rate(self.step, run.cfg))
+        except FloatingPointError:
+            raise NonFiniteError(self._non_finite_message(run, "the loss")) from None
 
     def _non_finite_message(self, run: Run, what: str) -> str:
         kept = list_checkpoints(run.run_dir)
@@ -284,7 +301,7 @@ class Trainer:
         sums, steps = run.interval, run.interval["steps"]
         averaged = TrainingOutput(loss=sums["loss"] / steps, fvu_per_prefix=sums["fvu_per_prefix"] / steps,
                                   aux_loss=sums["aux_loss"] / steps, l0=sums["l0"] / steps,
-                                  n_dead=sums["n_dead"], d_sae=run.cfg.d_sae, latents=None)
+                                  n_dead=sums["n_dead"], d_sae=run.cfg.d_sae)
         run.interval = {}
         metrics = averaged.metrics()
         metrics.update(step=self.step, tokens=self.step * run.cfg.batch_size,
@@ -314,7 +331,7 @@ class Trainer:
     def _collect_samples(self, outputs, batch) -> None:
         for run, out in zip(self.runs, outputs):
             if run.samples is not None and self.step % run.cfg.samples_every == 0:
-                run.samples.update(out.latents, batch.context_ids.to(self.device), batch.positions.to(self.device))
+                run.samples.update(out.dense_latents(), batch.context_ids.to(self.device), batch.positions.to(self.device))
 
     def _save_samples(self, run: Run) -> None:
         """Top-activating contexts with their tokens, under `samples/` (needs a store that can re-read

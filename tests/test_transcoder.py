@@ -248,16 +248,16 @@ def test_bias_init_centres_pre_activations_so_latents_are_not_born_dead():
 
 
 @pytest.mark.parametrize("skip", [False, True])
-def test_sparse_and_dense_decoders_give_the_same_loss_and_gradients(skip):
+def test_sparse_and_dense_kernels_give_the_same_loss_and_gradients(skip):
     x, y = torch.randn(64, 16), torch.randn(64, 12)
     results = {}
-    for decoder in ("dense", "sparse"):
+    for kernels in ("dense", "sparse"):
         torch.manual_seed(3)
-        model = randomise(make(decoder=decoder, skip_connection=skip, dead_after_tokens=10))
+        model = randomise(make(kernels=kernels, skip_connection=skip, dead_after_tokens=10))
         model.tokens_since_fired[50:] = 100  # some dead latents, so AuxK is in the loss too
         out = model.training_forward(x, y)
         out.loss.backward()
-        results[decoder] = (out.loss.detach(), out.fvu_per_prefix,
+        results[kernels] = (out.loss.detach(), out.fvu_per_prefix,
                             {n: p.grad.clone() for n, p in model.named_parameters()})
     (loss_d, fvu_d, grads_d), (loss_s, fvu_s, grads_s) = results["dense"], results["sparse"]
     torch.testing.assert_close(loss_s, loss_d, rtol=1e-5, atol=1e-6)
@@ -272,5 +272,76 @@ def test_sparse_decode_matches_dense_decode_on_a_batch_with_empty_tokens():
     model = randomise(make())
     z = torch.relu(torch.randn(10, 64)) * (torch.rand(10, 64) < 0.1)
     z[3] = 0.0  # a token with no active latent
-    torch.testing.assert_close(decode_prefixes_sparse(z, model.W_dec, model.b_dec, [8, 24, 64]),
+    tokens, latents = z.nonzero(as_tuple=True)
+    sparse = decode_prefixes_sparse(tokens, latents, z[tokens, latents], 10, model.W_dec, model.b_dec, [8, 24, 64])
+    torch.testing.assert_close(sparse,
                                decode_prefixes(z, model.W_dec, model.b_dec, [8, 24, 64]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["random", "few_positive", "one_hot_columns"])
+def test_top_entries_finds_exactly_the_topk_set(case):
+    """The sampled pre-filter (used on CPU for large batches) must return the same entries as topk,
+    including when the sample misjudges the threshold and the plain topk has to run."""
+    from mtc.transcoder import top_entries
+
+    torch.manual_seed(0)
+    pre = torch.relu(torch.randn(512, 2048))
+    if case == "few_positive":  # fewer positive entries than n_keep: ties at zero
+        pre = torch.relu(torch.randn(512, 2048) - 3.5)
+    if case == "one_hot_columns":  # all the mass in columns the strided sample never visits
+        pre = torch.zeros(512, 2048)
+        pre[:, 5::31] = torch.rand(512, len(range(5, 2048, 31))) + 1.0
+    flat = pre.flatten()
+    n_keep = 16 * 512
+    got = top_entries(flat, n_keep)
+    want = flat.topk(n_keep).indices
+    assert len(got) == n_keep and len(set(got.tolist())) == n_keep
+    torch.testing.assert_close(flat[got].sort().values, flat[want].sort().values, rtol=0, atol=0)
+    if case == "random":  # no ties: the very same entries
+        assert set(got.tolist()) == set(want.tolist())
+
+
+def test_sparse_kernels_match_dense_at_a_size_that_uses_the_fast_selection():
+    """Loss, per-prefix FVU, every gradient, L0, threshold and firing counters agree between the sparse
+    kernels and the dense autograd reference, at a batch large enough for the CPU selection pre-filter,
+    with AuxK active and the skip path on. (In bfloat16 the two may break ties at the selection
+    boundary differently, so exact agreement is checked in float32.)"""
+    torch.manual_seed(0)
+    x, y = torch.randn(512, 48), torch.randn(512, 40)
+    results = {}
+    for kernels in ("dense", "sparse"):
+        torch.manual_seed(1)
+        model = make(d_in=48, d_out=40, d_sae=2048, prefix_sizes=[256, 768, 2048], k=16, k_aux=64,
+                     batch_size=512, total_tokens=5120, kernels=kernels, dead_after_tokens=1000,
+                     skip_connection=True)
+        randomise(model)
+        model.tokens_since_fired[1500:] = 5000  # dead latents: AuxK contributes
+        out = model.training_forward(x, y)
+        out.loss.backward()
+        results[kernels] = (out, model)
+    (dense, dense_model), (sparse, sparse_model) = results["dense"], results["sparse"]
+    assert float(sparse.aux_loss) > 0
+    torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.fvu_per_prefix, dense.fvu_per_prefix, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.l0, dense.l0)
+    torch.testing.assert_close(sparse.dense_latents(), dense.dense_latents())
+    torch.testing.assert_close(sparse_model.threshold, dense_model.threshold)
+    assert torch.equal(sparse_model.tokens_since_fired, dense_model.tokens_since_fired)
+    for (name, p_sparse), p_dense in zip(sparse_model.named_parameters(), dense_model.parameters()):
+        torch.testing.assert_close(p_sparse.grad, p_dense.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kernels", ["sparse", "dense"])
+def test_bfloat16_compute_stays_close_to_float32(kernels):
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 16), torch.randn(256, 12)
+    losses = {}
+    for compute_dtype in ("float32", "bfloat16"):
+        torch.manual_seed(2)
+        model = randomise(make(compute_dtype=compute_dtype, kernels=kernels, skip_connection=True))
+        out = model.training_forward(x, y)
+        out.loss.backward()
+        losses[compute_dtype] = float(out.loss.detach())
+        assert model.W_enc.grad.dtype == torch.float32 and torch.isfinite(model.W_enc.grad).all()
+        assert model.W_enc.dtype == torch.float32  # parameters stay float32
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
