@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--parts", default="forward,pipeline,step", help="comma-separated: forward, pipeline, step")
     bench.add_argument("--fills", type=int, default=3, help="buffer fills timed in forward and pipeline")
     bench.add_argument("--steps", type=int, default=10, help="timed steps of the transcoder step alone")
+    bench.add_argument("--rounds", type=int, default=2, help="alternating rounds of forward and pipeline (best counts)")
     bench.add_argument("--dead-fraction", type=float, default=0.5,
                        help="latents kept dead in the step alone, so AuxK costs what it does in a mature run")
-    bench.add_argument("--short", action="store_true", help="small buffers, one fill, three steps (CI)")
+    bench.add_argument("--short", action="store_true", help="small buffers, one fill, one round, three steps (CI)")
     bench.add_argument("--synthetic", action="store_true", help="only the transcoder step, on random activations")
     bench.add_argument("--random-weights", action="store_true",
                        help="the preset model's architecture with random weights and the offline corpus (no download)")
@@ -296,6 +297,7 @@ def bench_command(args: argparse.Namespace) -> int:
         overrides.setdefault("dataset", "pydoc")  # the text does not matter for throughput
     settings = BenchSettings(preset=preset, device=device, parts=("step",) if args.synthetic else parts,
                              fills=1 if args.short else args.fills, steps=3 if args.short else args.steps,
+                             rounds=1 if args.short else args.rounds,
                              dead_fraction=args.dead_fraction, short=args.short, synthetic=args.synthetic,
                              random_weights=args.random_weights, overrides=overrides)
     report = run_benchmark(settings)
