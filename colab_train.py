@@ -185,7 +185,8 @@ def build_train_command(args: argparse.Namespace, extra: list[str], gpu: GpuSett
     command += ["--output-dir", str(Path(args.output_dir).expanduser().resolve())]
     command += ["--drive-dir", args.drive_dir, "--device", gpu.device]
     if gpu.device != "cpu":
-        command += ["--model-dtype", gpu.model_dtype, "--activation-dtype", gpu.activation_dtype]
+        command += ["--model-dtype", gpu.model_dtype, "--activation-dtype", gpu.activation_dtype,
+                    "--compute-dtype", gpu.compute_dtype]
     return command + list(extra)
 
 

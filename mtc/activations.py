@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,26 @@ class ActivationBatch:
     positions: Tensor  # [batch] position within that context
 
 
+@dataclass
+class Fill:
+    """One buffer fill: activations of every hook for the kept tokens, where they came from, and the
+    shuffled serving order."""
+
+    acts: dict[str, Tensor]  # hook -> [tokens, d]
+    context_ids: Tensor  # [tokens]
+    positions: Tensor  # [tokens]
+    order: Tensor  # [tokens] permutation
+    n_contexts: int
+    n_batches: int
+
+
 class ActivationStore:
     """Serves `ActivationBatch`es for `hook_pairs` from contexts produced by `make_contexts()`.
 
     `make_contexts` returns a fresh iterator over `[seq_len]` token tensors, always in the same order
     (the store re-creates it to resume). `exclude_token_ids` are never served (BOS, padding).
+    `total_batches`, when known, sizes the last fill to what the run still needs. `prefetch` computes
+    the next fill on a background thread while the current one is served (two buffers in memory).
     """
 
     def __init__(
@@ -55,6 +71,8 @@ class ActivationStore:
         buffer_device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        total_batches: int | None = None,
+        prefetch: bool = False,
     ):
         self.bridge = bridge
         self.hook_pairs = [tuple(pair) for pair in hook_pairs]
@@ -69,32 +87,37 @@ class ActivationStore:
         self.buffer_device = torch.device(buffer_device)
         self.dtype = dtype
         self.seed = seed
+        self.total_batches = total_batches
         # position in the stream (the whole state)
         self.contexts_before_fill = 0
+        self.batches_before_fill = 0
         self.fill_index = -1
         self.batches_served = 0
         # working data, rebuilt from the state
         self._contexts: Iterator[tuple[int, Tensor]] | None = None
-        self._buffer: dict[str, Tensor] = {}
-        self._order: Tensor | None = None
-        self._contexts_in_fill = 0
+        self._fill: Fill | None = None
+        self._pending: Future | None = None
+        self._producer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtc-store") if prefetch else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, int]:
-        return {"contexts_before_fill": self.contexts_before_fill, "fill_index": self.fill_index,
-                "batches_served": self.batches_served, "seed": self.seed}
+        return {"contexts_before_fill": self.contexts_before_fill, "batches_before_fill": self.batches_before_fill,
+                "fill_index": self.fill_index, "batches_served": self.batches_served, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"activation-store state was saved with seed {state['seed']}, this store has "
                              f"seed {self.seed}; resume with the run's own config")
+        self._drop_pending()
         self.contexts_before_fill = state["contexts_before_fill"]
+        self.batches_before_fill = state.get("batches_before_fill", 0)
         self.fill_index = state["fill_index"]
         self.batches_served = state["batches_served"]
-        self._contexts, self._order = None, None
+        self._contexts, self._fill = None, None
         if self.fill_index >= 0:
             self._open_stream(skip=self.contexts_before_fill)
-            self._fill()
+            self._fill = self._compute_fill(self.fill_index, self.batches_before_fill)
+            self._prefetch_next()
 
     # ------------------------------------------------------------------ serving
     def __iter__(self) -> Iterator[ActivationBatch]:
@@ -102,14 +125,15 @@ class ActivationStore:
             yield self.next_batch()
 
     def next_batch(self) -> ActivationBatch:
-        if self._order is None or (self.batches_served + 1) * self.batch_size > len(self._order):
+        if self._fill is None or self.batches_served >= self._fill.n_batches:
             self._next_fill()
-        rows = self._order[self.batches_served * self.batch_size:(self.batches_served + 1) * self.batch_size]
+        fill = self._fill
+        rows = fill.order[self.batches_served * self.batch_size:(self.batches_served + 1) * self.batch_size]
         self.batches_served += 1
-        take = {hook: acts[rows] for hook, acts in self._buffer.items()}
+        take = {hook: acts[rows] for hook, acts in fill.acts.items()}
         return ActivationBatch(sources=[take[s] for s, _ in self.hook_pairs],
                                targets=[take[t] for _, t in self.hook_pairs],
-                               context_ids=self._buffer_ids[rows], positions=self._buffer_pos[rows])
+                               context_ids=fill.context_ids[rows], positions=fill.positions[rows])
 
     # ------------------------------------------------------------------ filling
     def _open_stream(self, skip: int) -> None:
@@ -119,55 +143,76 @@ class ActivationStore:
     def _next_fill(self) -> None:
         if self._contexts is None:
             self._open_stream(skip=self.contexts_before_fill)
-        if self.fill_index >= 0:
-            self.contexts_before_fill += self._contexts_in_fill
+        if self._fill is not None:
+            self.contexts_before_fill += self._fill.n_contexts
+            self.batches_before_fill += self._fill.n_batches
         self.fill_index += 1
         self.batches_served = 0
-        self._fill()
+        if self._pending is not None:
+            self._fill, self._pending = self._pending.result(), None
+        else:
+            self._fill = None  # free the previous fill before computing the next one
+            self._fill = self._compute_fill(self.fill_index, self.batches_before_fill)
+        self._prefetch_next()
 
-    def _fill(self) -> None:
-        """Run the model over enough contexts for one buffer and shuffle the result."""
+    def _prefetch_next(self) -> None:
+        """Start computing the fill after the current one, unless the run needs no more batches."""
+        after = self.batches_before_fill + self._fill.n_batches
+        if self._producer is None or (self.total_batches is not None and after >= self.total_batches):
+            return
+        self._pending = self._producer.submit(self._compute_fill, self.fill_index + 1, after)
+
+    def _drop_pending(self) -> None:
+        """Forget a fill being computed in the background (waiting for it if it already started: it
+        reads the context stream)."""
+        if self._pending is not None:
+            if not self._pending.cancel():
+                self._pending.exception()
+            self._pending = None
+
+    def _compute_fill(self, fill_index: int, batches_before: int) -> Fill:
+        """Run the model over enough contexts for one buffer (or for the batches the run still needs, if
+        fewer) and shuffle the result. Deterministic in (stream position, fill_index, batches_before)."""
+        wanted = self.buffer_tokens
+        if self.total_batches is not None:
+            wanted = min(wanted, max(1, self.total_batches - batches_before) * self.batch_size)
         ids, contexts, tokens_held = [], [], 0
         for context_id, tokens in self._contexts:
             ids.append(context_id)
             contexts.append(tokens)
             tokens_held += len(tokens) - 1
-            if tokens_held >= self.buffer_tokens:
+            if tokens_held >= wanted:
                 break
         if not contexts:
             raise RuntimeError("the token stream is exhausted: the dataset holds fewer tokens than the run "
                                "needs; lower total_tokens or use a larger dataset")
-        self._contexts_in_fill = len(contexts)
         tokens = torch.stack(contexts)
         keep = ~torch.isin(tokens, self.exclude_token_ids)
-        # Free the previous fill first and write into one preallocated tensor per hook, so a fill never
-        # holds more than one buffer's worth of activations (on a 16 GB GPU that is the difference).
-        self._buffer, self._order = {}, None
+        # One preallocated tensor per hook: a fill never holds more than one buffer's worth of activations.
+        acts: dict[str, Tensor] = {}
         row = 0
         for start in range(0, len(tokens), self.model_batch_size):
             chunk_keep = keep[start:start + self.model_batch_size]
             n_kept = int(chunk_keep.sum())
-            for hook, acts in self.run_model(tokens[start:start + self.model_batch_size]).items():
-                if hook not in self._buffer:
-                    self._buffer[hook] = torch.empty(int(keep.sum()), acts.shape[-1], dtype=self.dtype,
-                                                     device=self.buffer_device)
-                self._buffer[hook][row:row + n_kept] = acts[chunk_keep.to(acts.device)].to(self.buffer_device,
-                                                                                           self.dtype)
+            for hook, out in self.run_model(tokens[start:start + self.model_batch_size]).items():
+                if hook not in acts:
+                    acts[hook] = torch.empty(int(keep.sum()), out.shape[-1], dtype=self.dtype, device=self.buffer_device)
+                acts[hook][row:row + n_kept] = out[chunk_keep.to(out.device)].to(self.buffer_device, self.dtype)
             row += n_kept
-        for hook, acts in self._buffer.items():
-            if not torch.isfinite(acts).all():
+        for hook, values in acts.items():
+            if not torch.isfinite(values).all():
                 raise RuntimeError(f"activations at {hook} do not fit activation_dtype={self.dtype} (non-finite "
                                    f"values after the cast); set activation_dtype='float32'")
-        context_ids = torch.tensor(ids).unsqueeze(1).expand_as(tokens)
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        self._buffer_ids = context_ids[keep].to(self.buffer_device)
-        self._buffer_pos = positions[keep].to(self.buffer_device)
-        n = len(self._buffer_ids)
+        n = int(keep.sum())
         if n < self.batch_size:
             raise RuntimeError(f"one buffer fill gave {n} tokens, fewer than batch_size={self.batch_size}; "
                                "the dataset is too small for this batch size")
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.fill_index)
-        self._order = torch.randperm(n, generator=generator).to(self.buffer_device)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + fill_index)
+        return Fill(acts=acts,
+                    context_ids=torch.tensor(ids).unsqueeze(1).expand_as(tokens)[keep].to(self.buffer_device),
+                    positions=torch.arange(tokens.shape[1]).expand_as(tokens)[keep].to(self.buffer_device),
+                    order=torch.randperm(n, generator=generator).to(self.buffer_device),
+                    n_contexts=len(contexts), n_batches=n // self.batch_size)
 
     @torch.no_grad()  # not inference_mode: served tensors must be usable in autograd
     def run_model(self, tokens: Tensor) -> dict[str, Tensor]:
@@ -189,10 +234,10 @@ class ActivationStore:
 
 def build_store(bridge, configs: list[TranscoderConfig], buffer_device: str | torch.device = "cpu") -> ActivationStore:
     """The store that feeds every transcoder in `configs` from one pass of `bridge` (they must agree
-    on model, data, batch and buffer settings)."""
+    on model, data, batch and buffer settings); it stops computing activations at the run's last batch."""
     first = configs[0]
     shared = ("model_name", "dataset", "dataset_split", "text_column", "seq_len", "batch_size",
-              "model_batch_size", "buffer_tokens", "activation_dtype", "seed")
+              "model_batch_size", "buffer_tokens", "activation_dtype", "seed", "total_tokens", "prefetch")
     for cfg in configs[1:]:
         for name in shared:
             if getattr(cfg, name) != getattr(first, name):
@@ -211,4 +256,5 @@ def build_store(bridge, configs: list[TranscoderConfig], buffer_device: str | to
     return ActivationStore(bridge, make_contexts, [(c.source_hook, c.target_hook) for c in configs],
                            batch_size=first.batch_size, buffer_tokens=first.buffer_tokens,
                            model_batch_size=first.model_batch_size, exclude_token_ids=excluded,
-                           buffer_device=buffer_device, dtype=torch_dtype(first.activation_dtype), seed=first.seed)
+                           buffer_device=buffer_device, dtype=torch_dtype(first.activation_dtype), seed=first.seed,
+                           total_batches=first.total_steps, prefetch=first.prefetch)

@@ -95,7 +95,7 @@ RESUMABLE_CHANGES = {"total_tokens", "output_dir", "drive_dir", "log_every", "ch
                      "keep_checkpoints", "wandb_mode", "wandb_project", "wandb_entity",
                      "wandb_log_checkpoints", "device", "run_name", "samples_every", "samples_top_n",
                      "model_dtype", "activation_dtype", "compute_dtype",  # a resumed run may land on another GPU
-                     "kernels"}  # same maths, other kernels
+                     "kernels", "prefetch"}  # same maths and data, computed differently
 
 
 def write_checkpoint(run_dir: Path, step: int, model: MatryoshkaTranscoder, trainer_state: dict,

@@ -67,6 +67,7 @@ class GpuSettings:
     activation_dtype: str  # activations kept in the shuffling buffer
     native_bf16: bool
     note: str
+    compute_dtype: str = "float32"  # the transcoder's encoder matmul (parameters stay float32)
 
 
 def settings_for(name: str | None, capability: tuple[int, int] | None,
@@ -83,7 +84,9 @@ def settings_for(name: str | None, capability: tuple[int, int] | None,
     cc = f"{capability[0]}.{capability[1]}"
     if capability >= (8, 0):  # Ampere and newer (A100, L4, H100) compute in bfloat16 natively
         return GpuSettings("cuda", name, capability, memory_gb, "bfloat16", "bfloat16", True,
-                           f"{name} (compute {cc}) has native bfloat16: model and activation store in bfloat16")
+                           f"{name} (compute {cc}) has native bfloat16: model, activation store and the "
+                           f"transcoder's encoder matmul in bfloat16 (its parameters and Adam state in float32)",
+                           compute_dtype="bfloat16")
     # T4 (7.5) and older: bfloat16 is emulated and slow, so the model runs in float16. Gemma's
     # activations can exceed float16's range, hence the check-and-fallback done by the store.
     # Activations are stored in float16 too: they come out of a float16 model, and float32 would double

@@ -77,6 +77,7 @@ class TranscoderConfig:
     seq_len: int = 128  # tokens per packed context fed to the language model
     model_batch_size: int = 32  # contexts per language-model forward pass
     buffer_tokens: int = 262_144  # activations mixed in the shuffling buffer
+    prefetch: bool = False  # compute the next buffer fill in the background (holds two buffers; see docs)
 
     # --- data
     dataset: str = "HuggingFaceFW/fineweb-edu"  # a Hugging Face id (streamed), a local file/folder, or "pydoc" (offline)

@@ -129,3 +129,42 @@ def test_float16_overflow_falls_back_to_float32(tiny_dirs):
         batch = store.next_batch()
     assert next(bridge.parameters()).dtype == torch.float32
     assert torch.isfinite(batch.sources[0]).all() and torch.isfinite(batch.targets[0]).all()
+
+
+def served(store, n):
+    return [store.next_batch() for _ in range(n)]
+
+
+def same_batches(a, b):
+    return all(torch.equal(x.sources[0], y.sources[0]) and torch.equal(x.targets[0], y.targets[0])
+               and torch.equal(x.context_ids, y.context_ids) for x, y in zip(a, b, strict=True))
+
+
+def test_background_prefetch_serves_the_same_batches(gemma2_bridge):
+    plain = build_store(gemma2_bridge, [config()])
+    prefetching = build_store(gemma2_bridge, [config(prefetch=True)])
+    assert same_batches(served(plain, 20), served(prefetching, 20))  # several fills
+    assert prefetching._pending is not None  # the next fill is being computed while this one is served
+
+
+def test_last_fill_is_sized_to_the_batches_the_run_still_needs(gemma2_bridge):
+    cfg = config(total_tokens=64 * 8, buffer_tokens=64 * 6)  # 8 steps: one full fill (6 batches), then 2
+    store = build_store(gemma2_bridge, [cfg.replace(prefetch=True)])
+    batches = served(store, 8)
+    assert store.fill_index == 1
+    assert store._fill.n_batches == 2 and store._pending is None  # right-sized, and nothing computed after it
+    contexts_per_full_fill = store.contexts_before_fill
+    assert store._fill.n_contexts < contexts_per_full_fill / 2
+    unlimited = build_store(gemma2_bridge, [config(buffer_tokens=64 * 6, total_tokens=64 * 100)])
+    assert same_batches(batches[:6], served(unlimited, 6))  # full fills are unchanged
+
+
+def test_resume_with_prefetch_is_exact(gemma2_bridge):
+    store = build_store(gemma2_bridge, [config(prefetch=True)])
+    served(store, 5)
+    state = store.state_dict()
+    expected = served(store, 9)  # crosses a refill
+    resumed = build_store(gemma2_bridge, [config(prefetch=True)])
+    served(resumed, 2)  # a store that had moved on (and started prefetching) is rewound
+    resumed.load_state_dict(state)
+    assert same_batches(expected, served(resumed, 9))

@@ -41,7 +41,7 @@ CPU = settings_for(None, None, None)
 def test_t4_runs_the_model_in_float16():
     gpu = settings_for("Tesla T4", (7, 5), 15.0)
     assert (gpu.device, gpu.model_dtype, gpu.activation_dtype) == ("cuda", "float16", "float16")
-    assert not gpu.native_bf16
+    assert not gpu.native_bf16 and gpu.compute_dtype == "float32"  # emulated bfloat16 would be slower
     assert gpu.compute_capability == (7, 5) and gpu.memory_gb == 15.0
     assert "finite" in gpu.note and "float32" in gpu.note and "\n" not in gpu.note
 
@@ -50,7 +50,8 @@ def test_t4_runs_the_model_in_float16():
                                               ("NVIDIA H100 80GB HBM3", (9, 0))])
 def test_ampere_and_newer_use_bfloat16(name, capability):
     gpu = settings_for(name, capability, 40.0)
-    assert (gpu.device, gpu.model_dtype, gpu.activation_dtype) == ("cuda", "bfloat16", "bfloat16")
+    assert (gpu.device, gpu.model_dtype, gpu.activation_dtype, gpu.compute_dtype) == ("cuda", "bfloat16",
+                                                                                      "bfloat16", "bfloat16")
     assert gpu.native_bf16 and gpu.name == name
 
 
@@ -179,7 +180,7 @@ def test_build_train_command_on_a100_passes_layer_dtypes_and_extras(tmp_path):
     text = " ".join(command[1:])
     for part in ("--layer 17", "--model-name google/gemma-2-2b", "--resume auto", "--run-name l17",
                  f"--output-dir {tmp_path}", "--drive-dir auto", "--device cuda", "--model-dtype bfloat16",
-                 "--activation-dtype bfloat16"):
+                 "--activation-dtype bfloat16", "--compute-dtype bfloat16"):
         assert part in text, part
     assert "--preset" not in text
     assert command[-3:] == extra  # last, so the user's own flags win
