@@ -66,11 +66,13 @@ def bench_config(settings: BenchSettings, output_dir: Path) -> TranscoderConfig:
         width = MODEL_WIDTHS[preset["model_name"]]
         preset.setdefault("d_in", width)
         preset.setdefault("d_out", width)
-    cfg = TranscoderConfig(**preset)
-    steps = max(1, settings.fills * (cfg.buffer_tokens // cfg.batch_size))
-    return cfg.replace(total_tokens=steps * cfg.batch_size, warmup_steps=min(cfg.warmup_steps, steps),
-                       output_dir=str(output_dir), run_name="bench", drive_dir="none", wandb_mode="disabled",
-                       log_every=steps, checkpoint_every=steps, device=settings.device)
+    batch_size = preset.get("batch_size", TranscoderConfig.batch_size)
+    buffer_tokens = preset.get("buffer_tokens", TranscoderConfig.buffer_tokens)
+    steps = max(1, settings.fills * (buffer_tokens // batch_size))
+    preset.update(total_tokens=steps * batch_size, warmup_steps=min(preset.get("warmup_steps", 0), steps))
+    return TranscoderConfig(**preset).replace(
+        output_dir=str(output_dir), run_name="bench", drive_dir="none", wandb_mode="disabled", log_every=steps,
+        checkpoint_every=steps, device=settings.device)
 
 
 # ---------------------------------------------------------------------- memory

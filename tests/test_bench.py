@@ -82,3 +82,13 @@ def test_ratios_need_the_forward_figure():
     parts = {"forward": {"tokens_per_s": 1000.0}, "pipeline": {"tokens_per_s": 900.0}, "step": {"tokens_per_s": 5000.0}}
     assert ratios(parts) == {"pipeline_over_forward": 0.9, "step_over_forward": 5.0}
     assert ratios({"step": {"tokens_per_s": 5000.0}}) == {}
+
+
+def test_bench_config_fits_any_preset_to_the_measured_fills(tmp_path):
+    from mtc.bench import BenchSettings, bench_config
+
+    cfg = bench_config(BenchSettings(preset="gemma2-2b-l17", fills=2, overrides={"dataset": "pydoc"}), tmp_path)
+    assert cfg.total_steps == 2 * (262_144 // 4096) and cfg.k == 96 and cfg.d_sae == 18_432
+    assert cfg.wandb_mode == "disabled" and cfg.drive_dir == "none" and cfg.output_dir == str(tmp_path)
+    short = bench_config(BenchSettings(preset="gemma2-2b-l17", fills=1, short=True), tmp_path)
+    assert short.buffer_tokens == 4 * 4096 and short.total_steps == 4

@@ -345,3 +345,10 @@ def test_bfloat16_compute_stays_close_to_float32(kernels):
         assert model.W_enc.grad.dtype == torch.float32 and torch.isfinite(model.W_enc.grad).all()
         assert model.W_enc.dtype == torch.float32  # parameters stay float32
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
+
+
+def test_blocked_transpose_is_a_transpose():
+    from mtc.transcoder import transposed
+
+    t = torch.randn(130, 7)  # not a multiple of the block
+    assert torch.equal(transposed(t), t.T) and transposed(t).is_contiguous()
