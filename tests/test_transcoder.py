@@ -267,7 +267,7 @@ def test_sparse_and_dense_kernels_give_the_same_loss_and_gradients(skip):
 
 
 def test_sparse_decode_matches_dense_decode_on_a_batch_with_empty_tokens():
-    from mtc.transcoder import decode_prefixes_sparse
+    from mtc.kernels import decode_prefixes_sparse
 
     model = randomise(make())
     z = torch.relu(torch.randn(10, 64)) * (torch.rand(10, 64) < 0.1)
@@ -282,7 +282,7 @@ def test_sparse_decode_matches_dense_decode_on_a_batch_with_empty_tokens():
 def test_top_entries_finds_exactly_the_topk_set(case):
     """The sampled pre-filter (used on CPU for large batches) must return the same entries as topk,
     including when the sample misjudges the threshold and the plain topk has to run."""
-    from mtc.transcoder import top_entries
+    from mtc.kernels import top_entries
 
     torch.manual_seed(0)
     pre = torch.relu(torch.randn(512, 2048))
@@ -348,7 +348,7 @@ def test_bfloat16_compute_stays_close_to_float32(kernels):
 
 
 def test_blocked_transpose_is_a_transpose():
-    from mtc.transcoder import transposed
+    from mtc.kernels import transposed
 
     t = torch.randn(130, 7)  # not a multiple of the block
     assert torch.equal(transposed(t), t.T) and transposed(t).is_contiguous()
