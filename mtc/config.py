@@ -222,7 +222,7 @@ class TranscoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TranscoderConfig:
         known = {f.name for f in fields(cls)}
-        if "decoder" in data and "kernels" not in known - set(data):  # configs written before `kernels`
+        if "decoder" in data and "kernels" not in data:  # configs written before `kernels`
             data = {("kernels" if name == "decoder" else name): value for name, value in data.items()}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -89,3 +89,11 @@ def test_offline_corpus_budget_is_checked_up_front():
     with pytest.raises(ValueError, match=r"TranscoderConfig\.total_tokens: .*offline 'pydoc' corpus"):
         TranscoderConfig(dataset="pydoc", total_tokens=16_000_000)
     TranscoderConfig(dataset="HuggingFaceFW/fineweb-edu", total_tokens=16_000_000)
+
+
+def test_configs_written_with_the_old_decoder_field_still_load():
+    data = TranscoderConfig(d_sae=64, prefix_sizes=[64], k=4, batch_size=32, total_tokens=320,
+                            warmup_steps=0).to_dict()
+    del data["kernels"]
+    data["decoder"] = "dense"
+    assert TranscoderConfig.from_dict(data).kernels == "dense"
