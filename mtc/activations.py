@@ -188,6 +188,7 @@ class ActivationStore:
                                "needs; lower total_tokens or use a larger dataset")
         tokens = torch.stack(contexts)
         keep = ~torch.isin(tokens, self.exclude_token_ids)
+        n = int(keep.sum())
         # One preallocated tensor per hook: a fill never holds more than one buffer's worth of activations.
         acts: dict[str, Tensor] = {}
         row = 0
@@ -196,14 +197,13 @@ class ActivationStore:
             n_kept = int(chunk_keep.sum())
             for hook, out in self.run_model(tokens[start:start + self.model_batch_size]).items():
                 if hook not in acts:
-                    acts[hook] = torch.empty(int(keep.sum()), out.shape[-1], dtype=self.dtype, device=self.buffer_device)
+                    acts[hook] = torch.empty(n, out.shape[-1], dtype=self.dtype, device=self.buffer_device)
                 acts[hook][row:row + n_kept] = out[chunk_keep.to(out.device)].to(self.buffer_device, self.dtype)
             row += n_kept
         for hook, values in acts.items():
             if not torch.isfinite(values).all():
                 raise RuntimeError(f"activations at {hook} do not fit activation_dtype={self.dtype} (non-finite "
                                    f"values after the cast); set activation_dtype='float32'")
-        n = int(keep.sum())
         if n < self.batch_size:
             raise RuntimeError(f"one buffer fill gave {n} tokens, fewer than batch_size={self.batch_size}; "
                                "the dataset is too small for this batch size")

@@ -195,7 +195,7 @@ def load_bridge(cfg: TranscoderConfig, random_weights: bool, device: str):
 def run_benchmark(settings: BenchSettings) -> dict:
     """Measure `settings.parts` and return the figures (JSON-ready), with the ratios."""
     from .activations import build_store
-    from .language_model import fit_config_to_model, stop_layer
+    from .language_model import fit_config_to_model
 
     device = torch.device(settings.device)
     with tempfile.TemporaryDirectory(prefix="mtc-bench-") as work:
@@ -218,14 +218,14 @@ def run_benchmark(settings: BenchSettings) -> dict:
                 report["parts"]["step"] = measure_step(cfg, batch.sources[0], batch.targets[0], settings.steps,
                                                        settings.dead_fraction, device)
             if "forward" in settings.parts:
-                store = build_store(bridge, [cfg], buffer_device=device)
+                reader = build_store(bridge, [cfg], buffer_device=device)  # its contexts and stop layer
                 n_contexts = settings.fills * math.ceil(cfg.buffer_tokens / (cfg.seq_len - 1))
-                contexts = torch.stack(list(itertools.islice(store.make_contexts(), n_contexts)))
+                contexts = torch.stack(list(itertools.islice(reader.make_contexts(), n_contexts)))
             # Alternate the two, so a busy moment of the machine does not land on one of them only.
             for round_index in range(settings.rounds):
                 if "forward" in settings.parts:
                     keep_best(report["parts"], "forward", measure_forward(
-                        bridge, contexts, cfg.model_batch_size, stop_layer([cfg.source_hook, cfg.target_hook]), device))
+                        bridge, contexts, cfg.model_batch_size, reader.stop_at_layer, device))
                 if "pipeline" in settings.parts:
                     run_cfg = cfg.replace(run_name=f"bench-{round_index}")
                     store = build_store(bridge, [run_cfg], buffer_device=device)
