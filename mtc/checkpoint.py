@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TranscoderConfig
+from .scaling import ActivationScales
 from .transcoder import MatryoshkaTranscoder
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,11 +39,16 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     os.replace(tmp, path)
 
 
-def save(model: MatryoshkaTranscoder, path: str | Path) -> Path:
-    """Write `model.safetensors` (parameters and threshold) and `config.json` into folder `path`."""
+def save(model: MatryoshkaTranscoder, path: str | Path, scales: ActivationScales | None = None) -> Path:
+    """Write `model.safetensors` (parameters and threshold) and `config.json` into folder `path`.
+
+    `scales`: the activation scales `model` was trained under; they are folded into the written weights,
+    so the file always maps raw source activations to raw target activations."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    if scales is not None:
+        tensors = scales.fold(tensors)
     atomic_save_tensors(tensors, path / WEIGHTS_FILE, metadata={"format": "mtc"})
     atomic_write_bytes(path / CONFIG_FILE, (model.cfg.to_json() + "\n").encode())
     return path
@@ -95,19 +101,20 @@ RESUMABLE_CHANGES = {"total_tokens", "output_dir", "drive_dir", "log_every", "ch
                      "keep_checkpoints", "wandb_mode", "wandb_project", "wandb_entity",
                      "wandb_log_checkpoints", "device", "run_name", "samples_every", "samples_top_n",
                      "model_dtype", "activation_dtype", "compute_dtype",  # a resumed run may land on another GPU
-                     "kernels", "prefetch"}  # same maths and data, computed differently
+                     "kernels", "prefetch", "calibration_tokens"}  # same maths and data, computed differently
 
 
 def write_checkpoint(run_dir: Path, step: int, model: MatryoshkaTranscoder, trainer_state: dict,
-                     meta: dict) -> Path:
-    """Write checkpoint `step` of a run atomically; returns its folder."""
+                     meta: dict, scales: ActivationScales | None = None) -> Path:
+    """Write checkpoint `step` of a run atomically; returns its folder. The weights are written in raw
+    units (`scales` folded in); `trainer_state["scales"]` lets a resumed run unfold them exactly."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save(model, tmp)  # model.safetensors + config.json
+    save(model, tmp, scales)  # model.safetensors + config.json
     torch.save(trainer_state, tmp / STATE_FILE)
     atomic_write_bytes(tmp / META_FILE, json.dumps({"step": step, **meta}, indent=2).encode())
     shutil.rmtree(final, ignore_errors=True)

@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--synthetic", action="store_true", help="only the transcoder step, on random activations")
     bench.add_argument("--random-weights", action="store_true",
                        help="the preset model's architecture with random weights and the offline corpus (no download)")
+    bench.add_argument("--quality", action="store_true",
+                       help="train plain and Matryoshka transcoders on the same stored activations and report held-out "
+                            "FVU per prefix, L0 and dead share (see mtc/quality.py)")
+    bench.add_argument("--cache", metavar="PATH",
+                       help="--quality: activation cache to train on; written first if it does not exist "
+                            "(default: <output-dir>/<preset>-cache.safetensors)")
+    bench.add_argument("--eval-tokens", type=int, default=20_480, help="--quality: held-out tokens in a new cache")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--json", default="bench.json", help="where to write the figures")
     add_config_arguments(bench, skip=("device",))
@@ -284,7 +291,9 @@ def bench_command(args: argparse.Namespace) -> int:
     from .presets import PRESETS
 
     device = resolve_device(args.device)
-    preset = args.preset or ("gemma2-2b-l17" if device == "cuda" else "demo")
+    preset = args.preset or ("gemma2-2b-l17" if device == "cuda" and not args.quality else "demo")
+    if args.quality:
+        return quality_command(args, preset, device)
     parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
     unknown = set(parts) - {"forward", "pipeline", "step"}
     if unknown or not parts:
@@ -304,6 +313,38 @@ def bench_command(args: argparse.Namespace) -> int:
     print(format_report(report))
     write_report(report, Path(args.json))
     print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
+    from .checkpoint import atomic_write_bytes
+    from .presets import PRESETS
+    from .quality import ActivationCache, collect_cache, format_quality, run_quality
+
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config_fields = {f.name for f in fields(TranscoderConfig)}
+    overrides = {name: value for name, value in vars(args).items() if name in config_fields - {"device"}}
+    settings = {**PRESETS[preset], "wandb_mode": "disabled", "drive_dir": "none", "samples_every": 0,
+                "output_dir": "runs/quality", **overrides}
+    cfg = TranscoderConfig.from_dict(settings)
+    cache_path = Path(args.cache or Path(cfg.output_dir) / f"{preset}-cache.safetensors")
+    if cache_path.is_file():
+        cache = ActivationCache.load(cache_path)
+    else:
+        from .language_model import fit_config_to_model, load_language_model
+
+        bridge = load_language_model(cfg.model_name, device=device, dtype=cfg.model_dtype)
+        cfg = fit_config_to_model(cfg, bridge)
+        cache = collect_cache(bridge, cfg, args.eval_tokens)
+        cache.save(cache_path)
+        print(f"wrote the activation cache {cache_path}", file=sys.stderr)
+    cfg = cfg.replace(d_in=cache.train_source.shape[1], d_out=cache.train_target.shape[1])
+    reports = run_quality(cfg, cache, device=device)
+    print(format_quality(reports))
+    atomic_write_bytes(Path(args.json), (json.dumps(reports, indent=2) + "\n").encode())
+    print(f"\nwrote {args.json}; the same cache trains EleutherAI's sparsify with "
+          f"benchmarks/quality_sparsify.py --cache {cache_path}", file=sys.stderr)
     return 0
 
 

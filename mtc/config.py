@@ -15,6 +15,7 @@ from typing import Any
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+NORMALIZATIONS = ("mean_norm", "none")
 PYDOC_TOKEN_LIMIT = 2_000_000  # generous: tokenizers differ, the corpus is ~0.5M Gemma tokens
 
 
@@ -58,11 +59,16 @@ class TranscoderConfig:
     skip_connection: bool = False
     kernels: str = "sparse"  # training maths: "sparse" (gradients touch selected entries only) or "dense" (reference)
 
+    # divide each hook's activations by a power of two bringing its mean norm near sqrt(d) (see mtc/scaling.py);
+    # saved models always work on raw activations
+    normalize_activations: str = "mean_norm"
+
     # --- sparsity machinery
     k_aux: int = 512
     aux_coeff: float = 1 / 32
     dead_after_tokens: int = 10_000_000
     threshold_momentum: float = 0.99
+    calibration_tokens: int = 32_768  # tokens read after training to set the JumpReLU threshold so L0 = k (0: keep the moving average)
 
     # --- optimisation
     lr: float = 3e-4
@@ -199,8 +205,14 @@ class TranscoderConfig:
             fail("total_tokens", f"{self.total_tokens:,} tokens exceed what the offline 'pydoc' corpus holds "
                  f"(about half a million)", "lower total_tokens or set dataset to a larger corpus, e.g. "
                  "HuggingFaceFW/fineweb-edu")
+        if self.normalize_activations not in NORMALIZATIONS:
+            fail("normalize_activations", f"unknown normalisation {self.normalize_activations!r}",
+                 "use 'mean_norm' (scale-invariant training) or 'none' (train on raw activations)")
         if self.kernels not in ("sparse", "dense"):
             fail("kernels", f"unknown kernels {self.kernels!r}", "use 'sparse' (fast) or 'dense' (reference)")
+        if self.calibration_tokens < 0:
+            fail("calibration_tokens", f"must be >= 0, got {self.calibration_tokens}",
+                 "use 0 to keep the training moving average as the threshold")
         if self.samples_every < 0:
             fail("samples_every", f"must be >= 0, got {self.samples_every}", "use 0 to collect no samples")
         if self.seq_len < 2:

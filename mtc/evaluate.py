@@ -150,7 +150,7 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
     return {"tokens": n_tokens, "predicted_tokens": totals.count, "ce_clean": ce_clean,
             "ce_zero_ablation": ce_zero, "kl_zero_ablation": totals.mean("kl_zero_ablation"),
             "full": rows[-1], "prefixes": rows, "model": cfg.model_name, "source_hook": source,
-            "target_hook": target}
+            "target_hook": target, "k": cfg.k, "l0_over_k": rows[-1]["l0"] / cfg.k}
 
 
 def format_table(reports: dict[str, dict]) -> str:
@@ -167,6 +167,10 @@ def format_table(reports: dict[str, dict]) -> str:
     first = next(iter(reports.values()))
     lines.append(f"clean CE {first['ce_clean']:.4f}, zero-ablation CE {first['ce_zero_ablation']:.4f}, "
                  f"{first['tokens']} held-out tokens")
+    for name, report in reports.items():
+        if "k" in report:  # JumpReLU sparsity against the BatchTopK k it was trained at
+            lines.append(f"{name}: full-model L0 {report['full']['l0']:.1f} for k={report['k']} "
+                         f"({100 * (report['l0_over_k'] - 1):+.1f}%)")
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ from .checkpoint import (checkpoint_step, config_differences, copy_to_mirror, li
 from .config import TranscoderConfig
 from .logger import METRICS_FILE, RunLogger, truncate_metrics
 from .samples import SampleCollector, context_lookup
+from .scaling import ActivationScales
 from .transcoder import MatryoshkaTranscoder, TrainingOutput
 
 
@@ -43,6 +44,10 @@ class StopRequested(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+DIVERGING_FVU = 2.0  # worse than predicting the mean (FVU 1) by far
+DIVERGING_INTERVALS = 3  # consecutive log lines above it before the trainer warns
 
 
 def learning_rate(step: int, cfg: TranscoderConfig) -> float:
@@ -94,6 +99,8 @@ class Run:
     logger: RunLogger | None = None
     last_metrics: dict = field(default_factory=dict)
     mirror_job: Future | None = None
+    scales: ActivationScales = field(default_factory=ActivationScales)  # training units = raw / scales
+    diverging_intervals: int = 0  # consecutive log lines with FVU above DIVERGING_FVU
 
 
 def accumulate(sums: dict, out: TrainingOutput) -> None:
@@ -210,6 +217,8 @@ class Trainer:
             if run.mirror_dir is not None and run.mirror_dir in path.parents:
                 self._fetch_history(run)
             run.model.load_state_dict(saved.state_dict())
+            run.scales = ActivationScales.from_dict(state.get("scales"))
+            run.scales.unfold_(run.model)  # checkpoints hold raw-unit weights
             run.model.tokens_since_fired.copy_(state["tokens_since_fired"])
             run.optimizer.load_state_dict(state["optimizer"])
             if run.samples is not None and state.get("samples") is not None:
@@ -243,8 +252,9 @@ class Trainer:
                 batch = self.store.next_batch()
                 if self.step == 0:
                     for run, x, y in zip(self.runs, batch.sources, batch.targets):
-                        dtype = run.model.W_enc.dtype
-                        run.model.init_from_batch(x.to(self.device, dtype), y.to(self.device, dtype))
+                        if run.cfg.normalize_activations == "mean_norm":
+                            run.scales = ActivationScales.estimate(x, y)
+                        run.model.init_from_batch(*self._training_units(run, x, y))
                 outputs = [self._train_step(run, x, y) for run, x, y in zip(self.runs, batch.sources, batch.targets)]
                 self._collect_samples(outputs, batch)
                 for run, out in zip(self.runs, outputs):
@@ -267,6 +277,7 @@ class Trainer:
                         self.checkpoint()
                     raise StopRequested(f"stopped by signal {self._stop_signal} at step {self.step}; "
                                         "checkpoint written, --resume auto continues", self._stop_signal)
+            self._calibrate_thresholds()
             for run in self.runs:
                 self._save_final(run)
                 self._save_samples(run)
@@ -279,10 +290,17 @@ class Trainer:
                     run.logger.finish()
         return [run.last_metrics for run in self.runs]
 
-    def _train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor) -> TrainingOutput:
+    def _training_units(self, run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the device, in the transcoder's dtype and training units (divided by the scales)."""
         dtype = run.model.W_enc.dtype
         x = x.to(self.device, dtype, non_blocking=True)
         y = y.to(self.device, dtype, non_blocking=True)
+        if run.scales.is_identity:
+            return x, y
+        return x * (1 / run.scales.source), y * (1 / run.scales.target)  # exact: powers of two
+
+    def _train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor) -> TrainingOutput:
+        x, y = self._training_units(run, x, y)
         try:
             return train_step(run.model, run.optimizer, x, y, learning_rate(self.step, run.cfg))
         except FloatingPointError:
@@ -308,6 +326,17 @@ class Trainer:
                        lr=learning_rate(self.step - 1, run.cfg), tokens_per_s=tokens_per_s)
         run.last_metrics = metrics
         run.logger.log(metrics)
+        self._warn_if_diverging(run, metrics["fvu"])
+
+    def _warn_if_diverging(self, run: Run, fvu: float) -> None:
+        """A run can diverge while staying finite (FVU in the thousands and rising); say so once."""
+        run.diverging_intervals = run.diverging_intervals + 1 if fvu > DIVERGING_FVU else 0
+        if run.diverging_intervals == DIVERGING_INTERVALS:
+            tqdm.write(f"warning: {run.cfg.run_name} is diverging: FVU above {DIVERGING_FVU:g} for "
+                       f"{DIVERGING_INTERVALS} log intervals in a row (now {fvu:.3g}; predicting the mean gives "
+                       f"1). Try a lower lr (now {run.cfg.lr:g}), a longer warmup_steps (now "
+                       f"{run.cfg.warmup_steps}) or a smaller grad_clip (now {run.cfg.grad_clip:g}).",
+                       file=sys.stderr)
 
     # ------------------------------------------------------------------ saving
     def checkpoint(self) -> None:
@@ -319,9 +348,11 @@ class Trainer:
                      "tokens_since_fired": run.model.tokens_since_fired.cpu(),
                      "samples": run.samples.state_dict() if run.samples is not None else None,
                      "interval": {k: v.cpu() if torch.is_tensor(v) else v for k, v in run.interval.items()},
-                     "store": self.store.state_dict(), "torch_rng": torch.get_rng_state()}
-            meta = {"tokens": self.step * run.cfg.batch_size, "metrics": run.last_metrics, "time": time.time()}
-            path = write_checkpoint(run.run_dir, self.step, run.model, state, meta)
+                     "store": self.store.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "scales": run.scales.to_dict()}
+            meta = {"tokens": self.step * run.cfg.batch_size, "metrics": run.last_metrics, "time": time.time(),
+                    "activation_scales": run.scales.to_dict()}
+            path = write_checkpoint(run.run_dir, self.step, run.model, state, meta, run.scales)
             self._wait_for_mirror(run)  # the background copy may still be reading an older checkpoint
             prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
             run.logger.log_checkpoint(path, self.step)
@@ -331,7 +362,8 @@ class Trainer:
     def _collect_samples(self, outputs, batch) -> None:
         for run, out in zip(self.runs, outputs):
             if run.samples is not None and self.step % run.cfg.samples_every == 0:
-                run.samples.update(out.dense_latents(), batch.context_ids.to(self.device), batch.positions.to(self.device))
+                latents = out.dense_latents() * run.scales.target  # in raw units, as the saved model's
+                run.samples.update(latents, batch.context_ids.to(self.device), batch.positions.to(self.device))
 
     def _save_samples(self, run: Run) -> None:
         """Top-activating contexts with their tokens, under `samples/` (needs a store that can re-read
@@ -344,9 +376,25 @@ class Trainer:
         path = run.samples.save(run.run_dir / "samples", context_lookup(make_contexts), meta=meta)
         self._mirror(run, [(path, "samples")], prune=False)
 
+    def _calibrate_thresholds(self) -> None:
+        """Set each transcoder's inference threshold from `calibration_tokens` tokens after the budget (the
+        same tokens on every resume: the store continues where training stopped)."""
+        cfg = self.runs[0].cfg
+        n_batches = -(-cfg.calibration_tokens // cfg.batch_size)
+        if n_batches == 0:
+            return
+        try:
+            batches = [self.store.next_batch() for _ in range(n_batches)]
+        except RuntimeError as err:  # a small corpus used up by the run
+            tqdm.write(f"note: the JumpReLU threshold stays the training moving average ({err})", file=sys.stderr)
+            return
+        for i, run in enumerate(self.runs):
+            sources = [self._training_units(run, batch.sources[i], batch.targets[i])[0] for batch in batches]
+            run.model.calibrate_threshold(sources)
+
     def _save_final(self, run: Run) -> None:
         tmp, final = run.run_dir / ".tmp-final", run.run_dir / "final"
-        save(run.model, tmp)
+        save(run.model, tmp, run.scales)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

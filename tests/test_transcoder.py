@@ -352,3 +352,14 @@ def test_blocked_transpose_is_a_transpose():
 
     t = torch.randn(130, 7)  # not a multiple of the block
     assert torch.equal(transposed(t), t.T) and transposed(t).is_contiguous()
+
+
+def test_calibrated_threshold_gives_exactly_k_active_latents_per_token_on_its_tokens():
+    model = randomise(make(k=5))
+    batches = [torch.randn(32, 16) for _ in range(6)]
+    threshold = model.calibrate_threshold(batches)
+    assert threshold > 0 and float(model.threshold) == threshold
+    active = sum(int((model.encode(x) > 0).sum()) for x in batches)
+    assert active == 5 * 32 * 6
+    model.threshold.fill_(threshold * 0.9)
+    assert sum(int((model.encode(x) > 0).sum()) for x in batches) > active, "the threshold must be the binding one"

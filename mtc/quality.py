@@ -1,0 +1,189 @@
+"""Training quality on stored activations: the same tokens for every recipe, and for peer tools.
+
+`python -m mtc bench --quality` (see `mtc.bench`) stores the activations a run would train on, then trains
+transcoders on them with the real `Trainer` and evaluates each on the same held-out tokens:
+
+- `collect_cache`: the training batches exactly as the store serves them (shuffled), plus held-out tokens
+  from the evaluation documents, written once to a safetensors file that other tools can read too
+  (`benchmarks/quality_sparsify.py` trains EleutherAI's sparsify on the same file);
+- `CachedStore`: serves those batches to a `Trainer` (resumable, like the real store);
+- `evaluate_cached`: held-out FVU of every prefix, L0 and dead share of the saved (raw-unit) model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .activations import ActivationBatch, build_store
+from .config import TranscoderConfig
+from .data import special_token_ids
+from .evaluate import held_out_contexts
+from .transcoder import MatryoshkaTranscoder
+
+
+@dataclass
+class ActivationCache:
+    """Source and target activations of one hook pair: training rows in serving order, held-out rows."""
+
+    train_source: Float[Tensor, "n d_in"]
+    train_target: Float[Tensor, "n d_out"]
+    eval_source: Float[Tensor, "m d_in"]
+    eval_target: Float[Tensor, "m d_out"]
+    meta: dict
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).contiguous() for name in
+                   ("train_source", "train_target", "eval_source", "eval_target")}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in self.meta.items()})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationCache:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"activation cache {path} does not exist; write one with "
+                                    "`python -m mtc bench --quality --cache PATH`")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return cls(**load_file(str(path)), meta=meta)
+
+
+@torch.no_grad()
+def collect_cache(bridge, cfg: TranscoderConfig, eval_tokens: int) -> ActivationCache:
+    """The `cfg.total_steps` training batches the store serves for `cfg` (same order as training), and
+    `eval_tokens` held-out tokens (BOS excluded, as in training and evaluation)."""
+    store = build_store(bridge, [cfg])
+    batches = [store.next_batch() for _ in range(cfg.total_steps)]
+    contexts = held_out_contexts(bridge, cfg.dataset, eval_tokens, cfg.seq_len, cfg.dataset_split, cfg.text_column)
+    bos, _ = special_token_ids(bridge.tokenizer)
+    sources, targets = [], []
+    for chunk in contexts.split(cfg.model_batch_size):
+        acts = store.run_model(chunk)
+        keep = chunk.to(acts[cfg.source_hook].device) != bos
+        sources.append(acts[cfg.source_hook][keep].float().cpu())
+        targets.append(acts[cfg.target_hook][keep].float().cpu())
+    meta = {"model_name": cfg.model_name, "source_hook": cfg.source_hook, "target_hook": cfg.target_hook,
+            "dataset": cfg.dataset, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    return ActivationCache(train_source=torch.cat([b.sources[0] for b in batches]).float(),
+                           train_target=torch.cat([b.targets[0] for b in batches]).float(),
+                           eval_source=torch.cat(sources)[:eval_tokens], eval_target=torch.cat(targets)[:eval_tokens],
+                           meta=meta)
+
+
+class CachedStore:
+    """Serves a cache's training rows in order, `batch_size` at a time; after them, the first rows again
+    (only the threshold calibration reads past the budget)."""
+
+    def __init__(self, cache: ActivationCache, batch_size: int, source_factor: float = 1.0,
+                 target_factor: float = 1.0):
+        self.cache, self.batch_size = cache, batch_size
+        self.source_factor, self.target_factor = source_factor, target_factor  # to test scale invariance
+        self.n_batches = len(cache.train_source) // batch_size
+        if self.n_batches == 0:
+            raise ValueError(f"the cache holds {len(cache.train_source)} training tokens, fewer than "
+                             f"batch_size={batch_size}")
+        self.served = 0
+
+    def next_batch(self) -> ActivationBatch:
+        rows = slice((self.served % self.n_batches) * self.batch_size,
+                     (self.served % self.n_batches + 1) * self.batch_size)
+        self.served += 1
+        zeros = torch.zeros(self.batch_size, dtype=torch.long)
+        return ActivationBatch(sources=[self.cache.train_source[rows] * self.source_factor],
+                               targets=[self.cache.train_target[rows] * self.target_factor],
+                               context_ids=zeros, positions=zeros)
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.served = state["served"]
+
+
+@torch.no_grad()
+def evaluate_cached(model: MatryoshkaTranscoder, cache: ActivationCache, source_factor: float = 1.0,
+                    target_factor: float = 1.0, batch_size: int = 4096) -> dict:
+    """Held-out FVU per prefix (pooled over all held-out tokens), L0 and dead share of the JumpReLU model."""
+    cfg = model.cfg
+    y_all = cache.eval_target.double() * target_factor
+    total_variance = float((y_all - y_all.mean(0)).pow(2).sum())
+    rows = []
+    for g in range(1, cfg.n_prefixes + 1):
+        residual, active, fired = 0.0, 0.0, torch.zeros(cfg.prefix_sizes[g - 1], dtype=torch.long)
+        for start in range(0, len(cache.eval_source), batch_size):
+            x = (cache.eval_source[start:start + batch_size] * source_factor).to(model.W_enc)
+            y = (cache.eval_target[start:start + batch_size] * target_factor).to(model.W_enc)
+            latents = model.encode(x, prefix=g)
+            residual += float((y - model(x, prefix=g)).double().pow(2).sum())
+            active += float((latents > 0).sum())
+            fired += (latents > 0).sum(0).cpu()
+        rows.append({"prefix": g, "latents": cfg.prefix_sizes[g - 1], "fvu": residual / total_variance,
+                     "l0": active / len(cache.eval_source), "dead_pct": 100.0 * float((fired == 0).double().mean())})
+    return {"full": rows[-1], "prefixes": rows, "tokens": len(cache.eval_source)}
+
+
+def train_cached(cfg: TranscoderConfig, cache: ActivationCache, source_factor: float = 1.0,
+                 target_factor: float = 1.0, device: str = "cpu") -> dict:
+    """Train `cfg` on the cache's training rows with the real `Trainer` (into `cfg.run_dir`), then evaluate
+    the saved model on the held-out rows. Returns the eval report with the trainer's last metrics."""
+    from .checkpoint import load
+    from .train import Trainer
+
+    store = CachedStore(cache, cfg.batch_size, source_factor, target_factor)
+    if cfg.total_steps > store.n_batches:
+        raise ValueError(f"total_tokens={cfg.total_tokens} needs {cfg.total_steps} batches; the cache holds "
+                         f"{store.n_batches} of batch_size={cfg.batch_size}")
+    trainer = Trainer([cfg], store, device=device, resume="never", progress=False)
+    start = time.perf_counter()
+    (metrics,) = trainer.train()
+    seconds = time.perf_counter() - start
+    model = load(cfg.run_dir / "final", device=device)
+    report = evaluate_cached(model, cache, source_factor, target_factor)
+    report.update(train=metrics, seconds=seconds)
+    return report
+
+
+def quality_variants(cfg: TranscoderConfig) -> dict[str, TranscoderConfig]:
+    """The plain BatchTopK transcoder and the Matryoshka one of `cfg`, with every other setting shared."""
+    variants = {"plain": cfg.replace(prefix_sizes=[cfg.d_sae], prefix_weights=None, run_name=f"{cfg.run_name}-plain")}
+    if cfg.n_prefixes > 1:
+        variants["matryoshka"] = cfg.replace(run_name=f"{cfg.run_name}-matryoshka")
+    return variants
+
+
+def run_quality(cfg: TranscoderConfig, cache: ActivationCache, device: str = "cpu") -> dict[str, dict]:
+    """Train and evaluate each variant of `cfg` on the cache (runs go under `cfg.output_dir`)."""
+    if cache.train_source.shape[1] != cfg.d_in or cache.train_target.shape[1] != cfg.d_out:
+        raise ValueError(f"the cache holds {cache.train_source.shape[1]} -> {cache.train_target.shape[1]} "
+                         f"activations but the config has d_in={cfg.d_in}, d_out={cfg.d_out}; collect a new cache")
+    return {name: train_cached(variant, cache, device=device) for name, variant in quality_variants(cfg).items()}
+
+
+def format_quality(reports: dict[str, dict]) -> str:
+    """One row per (variant, prefix): held-out FVU, L0 and dead share; the trainer's dead share at the end."""
+    header = f"{'variant':<12}{'prefix':>7}{'latents':>9}{'fvu':>9}{'l0':>8}{'dead% (eval)':>14}" \
+             f"{'dead% (train)':>15}{'seconds':>9}"
+    lines = [header, "-" * len(header)]
+    for name, report in reports.items():
+        for row in report["prefixes"]:
+            last = row is report["prefixes"][-1]
+            lines.append(f"{name:<12}{'full' if last else row['prefix']:>7}{row['latents']:>9}{row['fvu']:>9.4f}"
+                         f"{row['l0']:>8.1f}{row['dead_pct']:>14.1f}"
+                         + (f"{report['train']['dead_pct']:>15.1f}{report['seconds']:>9.0f}" if last else ""))
+    first = next(iter(reports.values()))
+    lines.append(f"{first['tokens']} held-out tokens; dead (eval): never fired on them; dead (train): no firing in "
+                 "the last dead_after_tokens training tokens")
+    return "\n".join(lines)
