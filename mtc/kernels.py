@@ -77,25 +77,29 @@ class SelectedPreActivations(torch.autograd.Function):
     """`relu(x @ W_enc + b_enc)[tokens, latents]`, read from pre-activations computed without autograd,
     with a backward that touches only the selected entries: `grad W_enc[:, l]` is the sum over the
     selected `(t, l)` of `grad * x[t]`, an embedding-bag sum over the rows of `x` with one bag per
-    latent (about `k * batch * d_in` multiply-adds instead of `batch * d_in * d_sae`)."""
+    latent (about `k * batch * d_in` multiply-adds instead of `batch * d_in * d_sae`).
+
+    The first `n_relu` entries get the ReLU's gradient; the rest (the AuxK picks) a straight-through
+    one, so a dead latent whose pre-activations are all negative still learns from AuxK."""
 
     @staticmethod
-    def forward(ctx, pre_acts, x, W_enc, b_enc, tokens, latents):
+    def forward(ctx, pre_acts, x, W_enc, b_enc, tokens, latents, n_relu):
         values = pre_acts[tokens, latents].to(W_enc.dtype)
         ctx.save_for_backward(x, tokens, latents, values)
-        ctx.d_sae = W_enc.shape[1]
+        ctx.d_sae, ctx.n_relu = W_enc.shape[1], n_relu
         return values
 
     @staticmethod
     def backward(ctx, grad_values):
         x, tokens, latents, values = ctx.saved_tensors
-        grad = torch.where(values > 0, grad_values, 0.0)  # relu
+        n = ctx.n_relu
+        grad = torch.cat([torch.where(values[:n] > 0, grad_values[:n], 0.0), grad_values[n:]])
         order = latents.argsort()
         offsets = torch.searchsorted(latents[order], torch.arange(ctx.d_sae, device=latents.device))
         grad_W_enc = transposed(F.embedding_bag(tokens[order], x.to(grad.dtype), offsets, mode="sum",
                                                 per_sample_weights=grad[order]))
         grad_b_enc = grad.new_zeros(ctx.d_sae).index_add_(0, latents, grad)
-        return None, None, grad_W_enc, grad_b_enc, None, None
+        return None, None, grad_W_enc, grad_b_enc, None, None, None
 
 
 def decode_prefixes_sparse(

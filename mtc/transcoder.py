@@ -63,8 +63,13 @@ def fvu(y: Float[Tensor, "batch d"], y_hat: Float[Tensor, "*prefix batch d"]) ->
     return (y - y_hat).pow(2).sum(dim=(-2, -1)) / total_variance
 
 
+def straight_through_relu(t: Tensor) -> Tensor:
+    """`relu(t)` forwards, the identity's gradient backwards."""
+    return t - (t - t.relu()).detach()
+
+
 def aux_k_loss(
-    pre_acts: Float[Tensor, "batch d_sae"],
+    linear: Float[Tensor, "batch d_sae"],
     dead_mask: Float[Tensor, " d_sae"],
     k_aux: int,
     W_dec: Float[Tensor, "d_sae d_out"],
@@ -72,12 +77,18 @@ def aux_k_loss(
 ) -> Tensor:
     """AuxK: reconstruct the (detached) residual from the `k_aux` largest dead pre-activations
     of each token, decoded without bias; normalised by the residual's variance. Zero when no
-    latent is dead."""
+    latent is dead.
+
+    `linear` is `x @ W_enc + b_enc` before the ReLU. The picks are the largest dead pre-activations
+    (ranked before the ReLU, which only orders ties at zero) and their values are `relu(linear)`, as
+    the brief defines them; the gradient goes straight through the ReLU. A latent dies when its
+    pre-activations are negative on every token: with the ReLU's gradient AuxK could never revive it."""
     n_dead = int(dead_mask.sum())
     if n_dead == 0:
-        return pre_acts.new_zeros(())
-    candidates = torch.where(dead_mask, pre_acts, -1.0)  # live latents can never be picked
+        return linear.new_zeros(())
+    candidates = torch.where(dead_mask, linear, -torch.inf)  # live latents can never be picked
     values, indices = candidates.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    values = straight_through_relu(values)
     aux_reconstruction = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
     return fvu(residual, aux_reconstruction)
 
@@ -238,12 +249,13 @@ class MatryoshkaTranscoder(nn.Module):
 
     def _sparse_losses(self, x: Tensor, y: Tensor, dead_mask: Tensor):
         with torch.no_grad():
-            pre_acts = F.relu(self._encoder_matmul(x, self.W_enc, self.b_enc))
+            pre_acts = self._encoder_matmul(x, self.W_enc, self.b_enc)
+        aux_tokens, aux_latents = aux_k_indices(pre_acts, dead_mask, self.cfg.k_aux)  # ranked before the ReLU
+        pre_acts.relu_()
         tokens, latents = batch_topk_indices(pre_acts, self.cfg.k)
-        aux_tokens, aux_latents = aux_k_indices(pre_acts, dead_mask, self.cfg.k_aux)
         # one autograd node for both selections: an entry picked twice gets both gradients, as in dense
         both = SelectedPreActivations.apply(pre_acts, x, self.W_enc, self.b_enc, torch.cat([tokens, aux_tokens]),
-                                            torch.cat([latents, aux_latents]))
+                                            torch.cat([latents, aux_latents]), len(tokens))
         values, aux_values = both.split([len(tokens), len(aux_tokens)])
         y_hats = decode_prefixes_sparse(tokens, latents, values, x.shape[0], self.W_dec, self.b_dec,
                                         self.cfg.prefix_sizes)
@@ -264,12 +276,12 @@ class MatryoshkaTranscoder(nn.Module):
         return y_hats, aux, (tokens, latents, values)
 
     def _dense_losses(self, x: Tensor, y: Tensor, dead_mask: Tensor):
-        pre_acts = F.relu(self._encoder_matmul(x, self.W_enc, self.b_enc)).to(self.W_enc.dtype)
-        z, _ = batch_topk(pre_acts, self.cfg.k)
+        linear = self._encoder_matmul(x, self.W_enc, self.b_enc).to(self.W_enc.dtype)
+        z, _ = batch_topk(F.relu(linear), self.cfg.k)
         y_hats = decode_prefixes(z, self.W_dec, self.b_dec, self.cfg.prefix_sizes)
         if self.W_skip is not None:
             y_hats = y_hats + self._encoder_matmul(x, self.W_skip).to(y_hats.dtype)
-        aux = aux_k_loss(pre_acts, dead_mask, self.cfg.k_aux, self.W_dec, (y - y_hats[-1]).detach())
+        aux = aux_k_loss(linear, dead_mask, self.cfg.k_aux, self.W_dec, (y - y_hats[-1]).detach())
         tokens, latents = z.detach().nonzero(as_tuple=True)
         return y_hats, aux, (tokens, latents, z[tokens, latents])
 

@@ -1,3 +1,4 @@
+import math
 import os
 import signal
 import subprocess
@@ -244,3 +245,17 @@ def test_resume_from_the_mirror_keeps_the_mirrors_metrics_history(tmp_path):
     train(fresh, mirror_dirs=[mirror])
     steps = [m["step"] for m in read_metrics(mirror)]
     assert steps == [5, 10, 15, 20, 25, 30]
+
+
+def test_a_run_diverging_while_finite_is_warned_about(tmp_path, capsys):
+    cfg = config(tmp_path, lr=30.0, min_lr=30.0, warmup_steps=0, total_tokens=256 * 40, log_every=5,
+                 checkpoint_every=100)
+    _, (metrics,) = train(cfg)
+    assert metrics["fvu"] > 2 and math.isfinite(metrics["fvu"])
+    err = capsys.readouterr().err
+    assert "syn is diverging: FVU above 2 for 3 log intervals" in err and "lower lr (now 30)" in err
+
+
+def test_a_healthy_run_gets_no_divergence_warning(tmp_path, capsys):
+    train(config(tmp_path))
+    assert "diverging" not in capsys.readouterr().err

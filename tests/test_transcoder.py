@@ -159,6 +159,20 @@ def test_aux_loss_revives_dead_latents():
     assert model.W_enc.grad[:, 40:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kernels", ["sparse", "dense"])
+def test_aux_loss_reaches_dead_latents_whose_pre_activations_are_all_negative(kernels):
+    """A latent dies by going negative on every token; AuxK's gradient goes straight through the ReLU to it."""
+    model = randomise(make(dead_after_tokens=10, kernels=kernels))
+    x, y = torch.randn(32, 16), torch.randn(32, 12)
+    with torch.no_grad():
+        model.b_enc[40:] = -100.0  # latents 40.. never fire: all pre-activations negative
+    model.tokens_since_fired[40:] = 1000
+    out = model.training_forward(x, y)
+    assert int(out.n_dead) == 24 and float(out.aux_loss) > 0
+    out.loss.backward()
+    assert (model.b_enc.grad[40:] != 0).all(), "every dead latent picked by AuxK must learn"
+
+
 def test_firing_counters_count_tokens_since_last_fire():
     model = randomise(make())
     x, y = torch.randn(32, 16), torch.randn(32, 12)
