@@ -106,8 +106,8 @@ RESUMABLE_CHANGES = {"total_tokens", "output_dir", "drive_dir", "log_every", "ch
 
 def write_checkpoint(run_dir: Path, step: int, model: MatryoshkaTranscoder, trainer_state: dict,
                      meta: dict, scales: ActivationScales | None = None) -> Path:
-    """Write checkpoint `step` of a run atomically; returns its folder. The weights are written in raw
-    units (`scales` folded in); `trainer_state["scales"]` lets a resumed run unfold them exactly."""
+    """Write checkpoint `step` of a run atomically; returns its folder. `model.safetensors` is in raw units
+    (`scales` folded in); the trainer state keeps the training-unit weights a resumed run continues from."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"

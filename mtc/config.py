@@ -68,7 +68,7 @@ class TranscoderConfig:
     aux_coeff: float = 1 / 32
     dead_after_tokens: int = 10_000_000
     threshold_momentum: float = 0.99
-    calibration_tokens: int = 32_768  # tokens read after training to set the JumpReLU threshold so L0 = k (0: keep the moving average)
+    calibration_tokens: int = 32_768  # tokens read after training (at most a tenth of the run's) to set the JumpReLU threshold so L0 = k; 0 keeps the moving average
 
     # --- optimisation
     lr: float = 3e-4

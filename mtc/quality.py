@@ -84,8 +84,9 @@ def collect_cache(bridge, cfg: TranscoderConfig, eval_tokens: int) -> Activation
 
 
 class CachedStore:
-    """Serves a cache's training rows in order, `batch_size` at a time; after them, the first rows again
-    (only the threshold calibration reads past the budget)."""
+    """Serves a cache's training rows in order, `batch_size` at a time; after them, the last batches again,
+    newest first (only the threshold calibration reads past the budget, and it should see the data the
+    model ended on)."""
 
     def __init__(self, cache: ActivationCache, batch_size: int, source_factor: float = 1.0,
                  target_factor: float = 1.0):
@@ -98,8 +99,9 @@ class CachedStore:
         self.served = 0
 
     def next_batch(self) -> ActivationBatch:
-        rows = slice((self.served % self.n_batches) * self.batch_size,
-                     (self.served % self.n_batches + 1) * self.batch_size)
+        index = self.served if self.served < self.n_batches else \
+            self.n_batches - 1 - (self.served - self.n_batches) % self.n_batches
+        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
         self.served += 1
         zeros = torch.zeros(self.batch_size, dtype=torch.long)
         return ActivationBatch(sources=[self.cache.train_source[rows] * self.source_factor],

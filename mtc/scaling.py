@@ -3,17 +3,15 @@
 Gemma's post-normed MLP outputs have norms in the hundreds while its normalised MLP inputs sit near
 sqrt(d). A transcoder initialised for unit-scale data then needs latent activations of order 100, a
 few early latents win every BatchTopK slot and most never fire. So the trainer divides the source and
-the target each by a per-hook scale estimated on the first batch, trains in those units, and folds the
-scales back into the weights whenever a model is written:
+the target each by a per-hook scale estimated on the first batch (so that their mean norm becomes
+sqrt(d)), trains in those units, and folds the scales back into the weights whenever a model is written:
 
     x_train = x / s_x,  y_train = y / s_y
     raw model: W_enc * (s_y / s_x), b_enc * s_y, threshold * s_y, b_dec * s_y, W_skip * (s_y / s_x),
                W_dec unchanged (its rows stay unit-norm; latents are measured in target units)
 
-Each scale is a power of two near `mean_norm / sqrt(d)`: multiplying by a power of two is exact in
-floating point, so folding and unfolding lose nothing and a run resumed from a (raw-unit) checkpoint
-continues bit for bit. The price is that the trained units keep a mean norm within a factor sqrt(2)
-of sqrt(d) instead of exactly on it.
+Checkpoints hold the folded (raw-unit) weights for readers and the training-unit weights in their
+trainer state, so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -21,19 +19,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 
-def power_of_two_scale(acts: Float[Tensor, "tokens d"]) -> float:
-    """The power of two nearest (in log scale) to `mean(||a||) / sqrt(d)`: dividing by it brings the
-    mean norm of `acts` within a factor sqrt(2) of sqrt(d)."""
-    mean_norm = float(acts.float().norm(dim=-1).mean())
+def mean_norm_scale(acts: Float[Tensor, "tokens d"]) -> float:
+    """`mean(||a||) / sqrt(d)`: dividing by it makes the mean norm of `acts` equal to sqrt(d)."""
+    mean_norm = float(acts.double().norm(dim=-1).mean())
     if not math.isfinite(mean_norm) or mean_norm <= 0:
         raise ValueError(f"cannot estimate an activation scale from activations with mean norm {mean_norm}; "
                          "the hook's activations are all zero or non-finite")
-    return 2.0 ** round(math.log2(mean_norm / math.sqrt(acts.shape[-1])))
+    return mean_norm / math.sqrt(acts.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,7 @@ class ActivationScales:
 
     @classmethod
     def estimate(cls, x: Float[Tensor, "tokens d_in"], y: Float[Tensor, "tokens d_out"]) -> ActivationScales:
-        return cls(source=power_of_two_scale(x), target=power_of_two_scale(y))
+        return cls(source=mean_norm_scale(x), target=mean_norm_scale(y))
 
     @property
     def is_identity(self) -> bool:
@@ -70,11 +66,3 @@ class ActivationScales:
         """A state dict in raw units from one in training units (new tensors; the input is untouched)."""
         factors = self.factors()
         return {name: t * factors[name] if factors.get(name, 1.0) != 1.0 else t for name, t in state.items()}
-
-    @torch.no_grad()
-    def unfold_(self, model: torch.nn.Module) -> None:
-        """Turn a model loaded in raw units into training units, in place (exact: powers of two)."""
-        factors = self.factors()
-        for name, t in model.state_dict().items():
-            if factors.get(name, 1.0) != 1.0:
-                t.div_(factors[name])

@@ -216,9 +216,9 @@ class Trainer:
                           "uninterrupted one", file=sys.stderr)
             if run.mirror_dir is not None and run.mirror_dir in path.parents:
                 self._fetch_history(run)
-            run.model.load_state_dict(saved.state_dict())
+            # model.safetensors is in raw units; training continues from the training-unit weights
+            run.model.load_state_dict(state.get("model", saved.state_dict()))
             run.scales = ActivationScales.from_dict(state.get("scales"))
-            run.scales.unfold_(run.model)  # checkpoints hold raw-unit weights
             run.model.tokens_since_fired.copy_(state["tokens_since_fired"])
             run.optimizer.load_state_dict(state["optimizer"])
             if run.samples is not None and state.get("samples") is not None:
@@ -297,7 +297,7 @@ class Trainer:
         y = y.to(self.device, dtype, non_blocking=True)
         if run.scales.is_identity:
             return x, y
-        return x * (1 / run.scales.source), y * (1 / run.scales.target)  # exact: powers of two
+        return x / run.scales.source, y / run.scales.target
 
     def _train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor) -> TrainingOutput:
         x, y = self._training_units(run, x, y)
@@ -344,7 +344,8 @@ class Trainer:
         for run in self.runs:
             if not all(torch.isfinite(p).all() for p in run.model.parameters()):
                 raise NonFiniteError(self._non_finite_message(run, "the weights"))
-            state = {"step": self.step, "optimizer": run.optimizer.state_dict(),
+            state = {"step": self.step, "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+                     "optimizer": run.optimizer.state_dict(),
                      "tokens_since_fired": run.model.tokens_since_fired.cpu(),
                      "samples": run.samples.state_dict() if run.samples is not None else None,
                      "interval": {k: v.cpu() if torch.is_tensor(v) else v for k, v in run.interval.items()},
@@ -377,12 +378,14 @@ class Trainer:
         self._mirror(run, [(path, "samples")], prune=False)
 
     def _calibrate_thresholds(self) -> None:
-        """Set each transcoder's inference threshold from `calibration_tokens` tokens after the budget (the
-        same tokens on every resume: the store continues where training stopped)."""
+        """Set each transcoder's inference threshold from `calibration_tokens` tokens after the budget, at most
+        a tenth of the run's (the same tokens on every resume: the store continues where training stopped)."""
         cfg = self.runs[0].cfg
-        n_batches = -(-cfg.calibration_tokens // cfg.batch_size)
-        if n_batches == 0:
+        n_batches = min(-(-cfg.calibration_tokens // cfg.batch_size), max(1, cfg.total_steps // 10))
+        if cfg.calibration_tokens == 0:
             return
+        if getattr(self.store, "total_batches", None) is not None:
+            self.store.total_batches = cfg.total_steps + n_batches  # one buffer fill for them, not one per batch
         try:
             batches = [self.store.next_batch() for _ in range(n_batches)]
         except RuntimeError as err:  # a small corpus used up by the run

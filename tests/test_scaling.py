@@ -5,7 +5,7 @@ import torch
 
 from mtc import MatryoshkaTranscoder, TranscoderConfig
 from mtc.checkpoint import load, save
-from mtc.scaling import ActivationScales, power_of_two_scale
+from mtc.scaling import ActivationScales, mean_norm_scale
 
 
 def random_model(**changes):
@@ -21,42 +21,39 @@ def random_model(**changes):
     return model
 
 
-def test_scale_is_a_power_of_two_bringing_the_mean_norm_near_sqrt_d():
+def test_scale_brings_the_mean_norm_to_sqrt_d():
     for magnitude in (1e-3, 0.7, 12.0, 665.0, 3e4):
-        acts = torch.randn(512, 640) * magnitude
-        scale = power_of_two_scale(acts)
-        assert math.log2(scale) == round(math.log2(scale))
-        ratio = float((acts / scale).norm(dim=-1).mean()) / math.sqrt(640)
-        assert 2 ** -0.5 <= ratio <= 2 ** 0.5
+        acts = torch.randn(512, 640) * magnitude + magnitude
+        scale = mean_norm_scale(acts)
+        assert float((acts / scale).norm(dim=-1).mean()) == pytest.approx(math.sqrt(640), rel=1e-5)
 
 
 def test_scale_refuses_all_zero_activations():
     with pytest.raises(ValueError, match="all zero or non-finite"):
-        power_of_two_scale(torch.zeros(8, 4))
+        mean_norm_scale(torch.zeros(8, 4))
 
 
 def test_folded_model_equals_normalise_model_unnormalise():
     model = random_model()
-    scales = ActivationScales(source=0.25, target=64.0)
+    scales = ActivationScales(source=0.3, target=61.7)
     folded = MatryoshkaTranscoder(model.cfg)
     folded.load_state_dict(scales.fold(model.state_dict()))
     x = torch.randn(50, model.cfg.d_in) * 3
     for prefix in (1, 2, None):
         expected = model(x / scales.source, prefix=prefix) * scales.target
-        assert torch.equal(folded(x, prefix=prefix), expected)
-        assert torch.equal(folded.encode(x, prefix=prefix), model.encode(x / scales.source, prefix=prefix) * scales.target)
+        torch.testing.assert_close(folded(x, prefix=prefix), expected, rtol=1e-4, atol=1e-3)
+        latents = model.encode(x / scales.source, prefix=prefix) * scales.target
+        torch.testing.assert_close(folded.encode(x, prefix=prefix), latents, rtol=1e-4, atol=1e-3)
+        assert torch.equal(folded.encode(x, prefix=prefix) > 0, latents > 0)
     assert torch.equal(folded.W_dec, model.W_dec), "decoder rows stay unit-norm; latents carry the target's units"
 
 
-def test_save_writes_raw_units_and_unfolding_is_exact(tmp_path):
+def test_save_writes_raw_units(tmp_path):
     model = random_model()
-    scales = ActivationScales(source=0.5, target=256.0)
+    scales = ActivationScales(source=0.5, target=251.3)
     saved = load(save(model, tmp_path / "m", scales))
     x = torch.randn(10, model.cfg.d_in)
-    assert torch.equal(saved(x), model(x / scales.source) * scales.target)
-    scales.unfold_(saved)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(saved.state_dict()[name], tensor), name
+    torch.testing.assert_close(saved(x), model(x / scales.source) * scales.target, rtol=1e-5, atol=1e-3)
 
 
 def test_scales_round_trip_and_default_to_raw_units_for_old_checkpoints():
@@ -94,7 +91,7 @@ def train_in_units(tmp_path, name, source_factor, target_factor, **changes):
     from mtc.train import Trainer
 
     base = dict(d_in=48, d_out=40, d_sae=128, prefix_sizes=[16, 64, 128], k=8, k_aux=16, batch_size=256,
-                total_tokens=256 * 120, warmup_steps=10, lr=3e-3, min_lr=3e-4, dead_after_tokens=2560,
+                total_tokens=256 * 120, warmup_steps=10, lr=3e-2, min_lr=3e-3, dead_after_tokens=2560,
                 log_every=20, checkpoint_every=1000, output_dir=str(tmp_path), run_name=name, wandb_mode="disabled",
                 drive_dir="none", samples_every=0, calibration_tokens=2048)
     base.update(changes)
@@ -110,7 +107,7 @@ def test_training_does_not_depend_on_the_units_of_the_hooks(tmp_path):
     plain = train_in_units(tmp_path, "plain", 1.0, 1.0)
     rescaled = train_in_units(tmp_path, "rescaled", 0.01, 100.0)
     assert plain["fvu"] < 0.5, "the synthetic features must be learnable for this test to mean anything"
-    assert rescaled["fvu"] == pytest.approx(plain["fvu"], abs=0.03)
-    assert rescaled["dead_pct"] == pytest.approx(plain["dead_pct"], abs=5.0)
+    assert rescaled["fvu"] == pytest.approx(plain["fvu"], rel=0.01)
+    assert rescaled["dead_pct"] == pytest.approx(plain["dead_pct"], abs=2.0)
     raw = train_in_units(tmp_path, "raw", 0.01, 100.0, normalize_activations="none")
     assert raw["fvu"] > plain["fvu"] + 0.1 or raw["dead_pct"] > plain["dead_pct"] + 20

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+from mtc import TranscoderConfig
+from mtc.cli import main
+from mtc.quality import ActivationCache, CachedStore, collect_cache, evaluate_cached, format_quality, run_quality
+from mtc.testing import SyntheticStore
+
+
+def synthetic_cache(n_train=256 * 40, n_eval=1024, d_in=48, d_out=40):
+    store = SyntheticStore(d_in, d_out, n_train + n_eval, n_features=96)
+    batch = store.next_batch()
+    x, y = batch.sources[0], batch.targets[0]
+    return ActivationCache(train_source=x[:n_train], train_target=y[:n_train], eval_source=x[n_train:],
+                           eval_target=y[n_train:], meta={"model_name": "synthetic"})
+
+
+def test_cache_round_trips_through_its_file(tmp_path):
+    cache = synthetic_cache(n_train=300, n_eval=50)
+    loaded = ActivationCache.load(cache.save(tmp_path / "cache.safetensors"))
+    for name in ("train_source", "train_target", "eval_source", "eval_target"):
+        assert torch.equal(getattr(loaded, name), getattr(cache, name))
+    assert loaded.meta == {"model_name": "synthetic"}
+    with pytest.raises(FileNotFoundError, match="bench --quality --cache"):
+        ActivationCache.load(tmp_path / "missing.safetensors")
+
+
+def test_cached_store_serves_rows_in_order_and_resumes():
+    cache = synthetic_cache(n_train=100, n_eval=10)
+    store = CachedStore(cache, batch_size=30)
+    first = store.next_batch()
+    assert torch.equal(first.sources[0], cache.train_source[:30])
+    state = store.state_dict()
+    second = store.next_batch()
+    store.load_state_dict(state)
+    assert torch.equal(store.next_batch().targets[0], second.targets[0])
+    assert torch.equal(store.next_batch().sources[0], cache.train_source[60:90])  # the third and last batch
+    assert torch.equal(store.next_batch().sources[0], cache.train_source[60:90]), "past the budget: newest first"
+    assert torch.equal(store.next_batch().sources[0], cache.train_source[30:60])
+
+
+def test_cached_evaluation_matches_a_hand_computed_fvu():
+    from mtc import MatryoshkaTranscoder
+
+    cache = synthetic_cache(n_train=100, n_eval=200)
+    model = MatryoshkaTranscoder(TranscoderConfig(d_in=48, d_out=40, d_sae=64, prefix_sizes=[16, 64], k=4))
+    report = evaluate_cached(model, cache, batch_size=64)
+    y = cache.eval_target.double()
+    expected = float((y - model(cache.eval_source).double()).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert report["full"]["fvu"] == pytest.approx(expected, rel=1e-6)
+    assert [row["latents"] for row in report["prefixes"]] == [16, 64]
+
+
+def test_quality_trains_plain_and_matryoshka_on_the_same_rows(tmp_path):
+    cfg = TranscoderConfig(d_in=48, d_out=40, d_sae=128, prefix_sizes=[16, 64, 128], k=8, k_aux=16, batch_size=256,
+                           total_tokens=256 * 40, warmup_steps=4, lr=3e-2, min_lr=3e-3, dead_after_tokens=2560,
+                           output_dir=str(tmp_path), run_name="q", wandb_mode="disabled", drive_dir="none",
+                           samples_every=0, log_every=10, checkpoint_every=1000, calibration_tokens=1024)
+    reports = run_quality(cfg, synthetic_cache())
+    assert list(reports) == ["plain", "matryoshka"]
+    assert len(reports["plain"]["prefixes"]) == 1 and len(reports["matryoshka"]["prefixes"]) == 3
+    for report in reports.values():
+        assert report["full"]["fvu"] < 0.9 and report["full"]["l0"] == pytest.approx(8, rel=0.25)
+    table = format_quality(reports)
+    assert "matryoshka" in table and "dead% (eval)" in table
+    with pytest.raises(ValueError, match="d_in=32"):
+        run_quality(cfg.replace(d_in=32), synthetic_cache(n_train=300, n_eval=10))
+
+
+def test_bench_quality_command_reads_an_existing_cache(tmp_path, capsys):
+    cache_path = synthetic_cache().save(tmp_path / "cache.safetensors")
+    out = tmp_path / "quality.json"
+    code = main(["bench", "--quality", "--cache", str(cache_path), "--json", str(out), "--output-dir",
+                 str(tmp_path / "runs"), "--d-sae", "128", "--prefix-sizes", "16", "64", "128", "--k", "8",
+                 "--k-aux", "16", "--batch-size", "256", "--total-tokens", str(256 * 20), "--warmup-steps", "2",
+                 "--calibration-tokens", "512", "--device", "cpu"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"plain", "matryoshka"}
+    assert "quality_sparsify.py --cache" in capsys.readouterr().err
+
+
+def test_collect_cache_holds_the_training_batches_in_serving_order(tmp_path, gemma2_bridge):
+    from mtc.activations import build_store
+
+    cfg = TranscoderConfig(model_name="tiny", source_hook="blocks.1.ln2.hook_normalized",
+                           target_hook="blocks.1.hook_mlp_out", d_in=64, d_out=64, d_sae=128, k=4, batch_size=64,
+                           total_tokens=64 * 5, seq_len=16, model_batch_size=4, buffer_tokens=256, dataset="pydoc",
+                           warmup_steps=0)
+    cache = collect_cache(gemma2_bridge, cfg, eval_tokens=100)
+    batches = [build_store(gemma2_bridge, [cfg]).next_batch() for _ in range(1)]
+    assert cache.train_source.shape == (320, 64) and cache.eval_source.shape == (100, 64)
+    torch.testing.assert_close(cache.train_source[:64], batches[0].sources[0])
+    assert cache.meta["source_hook"] == cfg.source_hook
