@@ -26,6 +26,16 @@ def wandb_key_available() -> bool:
         return False
 
 
+def check_wandb_key(requested: str) -> None:
+    """`wandb_mode="online"` without an API key would make wandb prompt (and wait for ever on a terminal)
+    or fail deep inside `wandb.init`; refuse it up front with the fixes."""
+    if requested == "online" and not wandb_key_available():
+        from .errors import UsageError
+
+        raise UsageError("wandb_mode: online needs a W&B API key and none was found; set WANDB_API_KEY (in Colab: "
+                         "Secrets), run `wandb login`, or use --wandb-mode offline (upload later with `wandb sync`)")
+
+
 def choose_wandb_mode(requested: str) -> tuple[str, str]:
     """(mode, one-line explanation) for a config's `wandb_mode`."""
     if requested != "auto":
@@ -57,6 +67,7 @@ class RunLogger:
 
     def __init__(self, cfg: TranscoderConfig, run_dir: Path, resume: bool):
         self.run_dir = Path(run_dir)
+        check_wandb_key(cfg.wandb_mode)
         self.mode, self.message = choose_wandb_mode(cfg.wandb_mode)
         self.wandb_run = None
         self.log_checkpoints = cfg.wandb_log_checkpoints and self.mode == "online"
