@@ -66,12 +66,17 @@ def check_dataset(dataset: str, split: str, column: str) -> None:
     except KeyError as err:
         raise UsageError(str(err.args[0])) from None
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        message = str(err)
-        raise UsageError(message if "dataset" in message else f"dataset {dataset}: {message}") from None
+        if "dataset" in str(err):  # mtc's own messages name the dataset and the fix
+            raise UsageError(str(err)) from None
+        raise UsageError(unreadable(dataset, column, err)) from None
     except Exception as err:  # pyarrow / datasets parse errors come in many types
-        lines = str(err).strip().splitlines()
-        raise UsageError(f"dataset {dataset} cannot be read ({type(err).__name__}: {lines[0] if lines else ''}); "
-                         f"a .jsonl file needs one JSON object per line with a {column!r} field") from None
+        raise UsageError(unreadable(dataset, column, err)) from None
+
+
+def unreadable(dataset: str, column: str, err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return (f"dataset {dataset} cannot be read ({type(err).__name__}: {lines[0] if lines else ''}); a .jsonl "
+            f"file needs one JSON object per line with a {column!r} field")
 
 
 def _checkpoints(run_dir: Path, mirror_dir: Path | None) -> dict[int, Path]:
@@ -102,6 +107,9 @@ def check_resume(configs: list[TranscoderConfig], resume: str, mirror_dirs: list
         if not path.exists():
             raise UsageError(f"--resume {resume} does not exist; pass a checkpoints/step_<N> folder, 'auto' or "
                              f"'never'")
+        if (path / "checkpoints").is_dir():
+            raise UsageError(f"--resume {resume}: a run dir, not a checkpoint; pass one of its checkpoints/step_<N> "
+                             f"folders, or --resume auto with --output-dir and --run-name naming the run")
         problem = checkpoint_problem(path)
         if problem:
             raise UsageError(f"--resume {resume}: {problem}; pass a complete checkpoints/step_<N> folder "
