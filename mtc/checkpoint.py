@@ -115,7 +115,7 @@ def write_checkpoint(run_dir: Path, step: int, model: MatryoshkaTranscoder, trai
         save(model, tmp)  # model.safetensors + config.json
         torch.save(trainer_state, tmp / STATE_FILE)
         atomic_write_bytes(tmp / META_FILE, json.dumps({"step": step, **meta}, indent=2).encode())
-    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+    except Exception as err:  # torch's zip writer and safetensors report a full disk as their own errors
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(run_dir)
         kept = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was written yet"

@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import TranscoderConfig
-from .errors import UsageError, debug_requested, describe, exit_code
+from .errors import UsageError, debug_requested, describe, exit_code, reported
 
 LIST_FIELDS = {"prefix_sizes": int, "prefix_weights": float}
 
@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             write_reports(eval_command(args, args.runs), Path(args.out), "compare")
             return 0
-    except (ValueError, OSError, RuntimeError, ImportError, KeyError) as err:
-        if debug:
+    except Exception as err:
+        if debug or not reported(err):
             raise
         print(f"error: {describe(err)}", file=sys.stderr)
         return exit_code(err)

@@ -58,8 +58,12 @@ def free_bytes(folder: Path) -> int | None:
         return None
 
 
-def megabytes(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+def size(n: int) -> str:
+    """`n` bytes for people: 12.3 GB, 456.7 MB, 89.0 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kB"
 
 
 def disk_full_error(err: BaseException, folder: Path, needed: int, what: str, kept: str) -> DiskFullError | None:
@@ -68,10 +72,9 @@ def disk_full_error(err: BaseException, folder: Path, needed: int, what: str, ke
     free = free_bytes(folder)
     if not is_disk_full(err) and (free is None or free >= needed):
         return None
-    space = f"needs about {megabytes(needed)}, {megabytes(free)} free" if free is not None else \
-        f"needs about {megabytes(needed)}"
+    space = f"needs about {size(needed)}, {size(free)} free" if free is not None else f"needs about {size(needed)}"
     return DiskFullError(f"disk full: could not write {what} to {folder} ({space}). Free some space or set "
-                         f"--output-dir to a bigger disk; {kept}")
+                         f"--output-dir to a bigger disk; {kept}, and the same command resumes from it")
 
 
 _OS_FIXES = {
@@ -89,6 +92,9 @@ def describe(err: BaseException) -> str:
     """One line for the user."""
     if isinstance(err, KeyError) and err.args:
         return str(err.args[0])  # str(KeyError) would add quotes
+    if is_disk_full(err) and not isinstance(err, DiskFullError):
+        return (f"disk full ({' '.join(str(err).split())}); free some space or set --output-dir to a bigger disk, "
+                f"then run the same command: --resume auto continues from the last good checkpoint")
     if isinstance(err, (DiskFullError, CheckpointError)) or not isinstance(err, OSError):
         return str(err)
     if err.filename is None or str(err.filename) in str(err.strerror):
@@ -97,6 +103,14 @@ def describe(err: BaseException) -> str:
     return f"{err.filename}: {err.strerror}; {fix}"
 
 
+REPORTED = (ValueError, OSError, RuntimeError, ImportError, KeyError)  # reported in one line; others are bugs
+
+
+def reported(err: BaseException) -> bool:
+    """Whether `err` is reported as one line (bad input, a full disk) rather than with a traceback."""
+    return isinstance(err, REPORTED) or is_disk_full(err)
+
+
 def exit_code(err: BaseException) -> int:
     """2 for bad input, 1 when the run failed for another reason (disk full)."""
-    return 1 if isinstance(err, DiskFullError) or (isinstance(err, OSError) and is_disk_full(err)) else 2
+    return 1 if is_disk_full(err) else 2

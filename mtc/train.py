@@ -261,7 +261,10 @@ class Trainer:
         """Run to the end of the token budget; returns each transcoder's last metrics."""
         with lock.hold([run.run_dir for run in self.runs]):
             self._clean_temporaries()
-            return self._train()
+            try:
+                return self._train()
+            finally:
+                self._clean_temporaries()  # what a failed write (a full disk) left behind
 
     def _clean_temporaries(self) -> None:
         """Leftovers of interrupted writes, locally and on the mirror (safe: this process holds the run dir)."""

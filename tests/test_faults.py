@@ -159,10 +159,30 @@ def test_disk_full_names_the_path_and_space_keeps_the_last_checkpoint_and_cleans
     err = capsys.readouterr().err
     checkpoints = tmp_path / "r" / "checkpoints"
     assert f"error: disk full: could not write checkpoint step_20 to {checkpoints} (needs about " in err
-    assert "MB, 0.0 MB free" in err and f"the last good checkpoint {checkpoints / 'step_10'} is kept" in err
+    assert "kB, 1.0 kB free" in err and f"the last good checkpoint {checkpoints / 'step_10'} is kept" in err
     assert "Traceback" not in err
     assert [p.name for p in checkpoints.iterdir()] == ["step_10"]  # no .tmp-step_20 left behind
     load_checkpoint(checkpoints / "step_10")
+
+
+def test_disk_full_while_writing_final_is_one_line_and_leaves_no_temporary(monkeypatch, tiny_dirs, tmp_path, capsys):
+    from safetensors import SafetensorError
+
+    real_save_file = mtc.checkpoint.save_file
+
+    def full_disk_save_file(tensors, path, *args, **kwargs):
+        if ".tmp-final" in str(path):  # what safetensors raises on ENOSPC
+            Path(path).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(mtc.checkpoint, "save_file", full_disk_save_file)
+    assert main(train_args(tiny_dirs["gemma2"], tmp_path, steps=10)) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: disk full (Error while serializing: I/O error: No space")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".tmp")) == []
+    assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["step_10"]
 
 
 def test_a_full_mirror_only_warns_and_stale_mirror_temporaries_are_cleaned_at_start(monkeypatch, tiny_dirs,
