@@ -9,6 +9,7 @@ process, so the command line can lock before loading the model and the trainer a
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,7 +48,12 @@ def acquire(run_dir: str | Path) -> None:
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as err:
+            if not isinstance(err, BlockingIOError):  # a file system without locks (some network mounts)
+                print(f"note: cannot lock the run dir {run_dir} ({err.strerror}); make sure no other run uses it",
+                      file=sys.stderr)
+                _held[key] = [fd, 1]
+                return
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunDirBusy(f"run dir {run_dir} is in use by another training process (pid {holder}); two runs "

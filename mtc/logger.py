@@ -76,12 +76,17 @@ class RunLogger:
 
             # the id is stable per run dir so a resumed run continues the same W&B run
             run_id = cfg.run_name + "-" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
-            self.wandb_run = wandb.init(
-                project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=cfg.run_name,
-                config=cfg.to_dict(), dir=str(self.run_dir), mode=self.mode, id=run_id,
-                resume="allow" if resume else None, reinit="create_new",
-                settings=wandb.Settings(console="off", silent=True),
-            )
+            try:
+                self.wandb_run = wandb.init(
+                    project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=cfg.run_name,
+                    config=cfg.to_dict(), dir=str(self.run_dir), mode=self.mode, id=run_id,
+                    resume="allow" if resume else None, reinit="create_new",
+                    settings=wandb.Settings(console="off", silent=True),
+                )
+            except Exception as err:  # a rejected key, an unknown entity, no network: wandb's own error types
+                raise RuntimeError(f"wandb_mode: W&B could not start in {self.mode} mode ({err}); check "
+                                   f"WANDB_API_KEY, wandb_entity and wandb_project, or use --wandb-mode offline "
+                                   f"(upload later with `wandb sync`)") from err
 
     def log(self, metrics: dict) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as f:

@@ -81,6 +81,20 @@ def test_wandb_online_with_a_key_passes_the_check(monkeypatch, no_wandb_key):
     check_wandb_key("online")
 
 
+def test_wandb_failing_to_start_is_one_line(monkeypatch, no_wandb_key, tiny_dirs, tmp_path, capsys):
+    import wandb
+
+    def rejected(*args, **kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(wandb, "init", rejected)
+    assert main(train_args(tiny_dirs["gemma2"], tmp_path, "--wandb-mode", "online")) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: wandb_mode: W&B could not start in online mode (api_key")
+    assert "--wandb-mode offline" in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------------- 3. user errors: a line, no traceback
 def run_cli(*args, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "MTC_DEBUG"))}
@@ -130,6 +144,20 @@ def test_a_second_run_in_a_busy_run_dir_is_refused_and_the_lock_dies_with_its_pr
         holder.wait()
     assert main(train_args(tiny_dirs["gemma2"], tmp_path, steps=10)) == 0  # the OS released the lock
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_a_file_system_without_locks_only_warns(monkeypatch, tmp_path, capsys):
+    import fcntl
+
+    from mtc import lock
+
+    def unsupported(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with lock.hold([tmp_path / "r"]):
+        assert "note: cannot lock the run dir" in capsys.readouterr().err
+    assert lock._held == {}
 
 
 def test_the_lock_is_reentrant_within_a_process_and_released_after(tmp_path):
