@@ -61,6 +61,19 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, trai
     assert load_checkpoint(out / "r" / "checkpoints" / "step_40")[1]["step"] == 40
 
 
+def test_a_half_synced_mirror_checkpoint_on_a_fresh_machine_falls_back(trained_run, tiny_dirs, tmp_path, capsys):
+    drive = tmp_path / "drive"
+    shutil.copytree(trained_run, drive / "r")
+    (drive / "r" / "checkpoints" / "step_30" / "model.safetensors").unlink()  # Drive had not synced it yet
+    args = train_args(tiny_dirs["gemma2"], tmp_path / "fresh", "--drive-dir", str(drive), steps=40)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping checkpoint {drive / 'r' / 'checkpoints' / 'step_30'}: model.safetensors is missing" in err
+    assert f"resumed from step 20 ({drive / 'r' / 'checkpoints' / 'step_20'})" in err
+    assert [p.name for p in list_checkpoints(drive / "r")] == ["step_30", "step_40"]
+    assert load_checkpoint(drive / "r" / "checkpoints" / "step_30")[1]["step"] == 30  # rewritten whole
+
+
 # ---------------------------------------------------------------------- 2. W&B online without a key
 def test_wandb_online_without_a_key_is_refused_before_the_model_loads(no_wandb_key, model_loads, tiny_dirs,
                                                                       tmp_path, capsys):
