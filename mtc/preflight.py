@@ -103,6 +103,9 @@ def check_resume(configs: list[TranscoderConfig], resume: str, mirror_dirs: list
                                  f"--run-name, or delete the old run's folder")
         return
     if resume != "auto":
+        if len(configs) > 1:
+            raise UsageError(f"--resume {resume}: a checkpoint path resumes a single transcoder; with several "
+                             f"--config files use --resume auto")
         path = Path(resume)
         if not path.exists():
             raise UsageError(f"--resume {resume} does not exist; pass a checkpoints/step_<N> folder, 'auto' or "

@@ -47,6 +47,7 @@ def ws(trained_run, tmp_path_factory):
     (ws / "bad_prefixes.json").write_text('{"prefix_sizes": "abc"}')
     (ws / "bad_betas.json").write_text('{"adam_betas": 5}')
     (ws / "a_folder.json").mkdir()
+    (ws / "text_cfg.json").write_text('{"dataset_split": "train"}')
     (ws / "blocked").mkdir()
     (ws / "blocked" / "r").write_text("a file where the run dir should be")
     damaged(ws, "no_meta", lambda s: (s / "meta.json").unlink())
@@ -142,6 +143,9 @@ BATTERY = [
      "total_tokens: 640 tokens make 20 steps", BEFORE),
     ("resume another run's checkpoint", lambda ws: ["--resume", str(ws / "trained/checkpoints/step_30"), "--d-sae",
                                                     "128", "--total-tokens", "1280"], "d_sae: checkpoint has 64", AFTER),
+    ("resume a path with two configs", lambda ws: ["--config", str(ws / "text_cfg.json"), "--config",
+                                                   str(ws / "text_cfg.json"), "--resume", str(ws / "a_file")],
+     "--resume {ws}/a_file: a checkpoint path resumes a single transcoder", BEFORE),
     ("every checkpoint damaged", lambda ws: ["--output-dir", str(ws / "all_damaged")],
      "{ws}/all_damaged/r/checkpoints/step_30: model.safetensors is damaged", BEFORE),
     ("auto resume beyond the budget", lambda ws: ["--output-dir", str(ws), "--run-name", "trained"],
