@@ -323,3 +323,16 @@ def test_a_prune_killed_halfway_leaves_no_half_checkpoint_listed(monkeypatch, ti
     assert main(train_args(tiny_dirs["gemma2"], tmp_path, steps=30)) == 0  # resumes and cleans the leftover
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step_20", "step_30"]
     assert load_file(tmp_path / "r" / "final" / "model.safetensors")
+
+
+def test_os_errors_are_described_by_file_and_fix():
+    from mtc.errors import describe, exit_code
+
+    denied = PermissionError(errno.EACCES, "Permission denied", "/data/runs/r/metrics.jsonl")
+    assert describe(denied) == ("/data/runs/r/metrics.jsonl: Permission denied; no permission to write there; "
+                                "choose a writable folder")
+    assert exit_code(denied) == 2
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/runs/r/metrics.jsonl")
+    assert describe(full).startswith("disk full (") and "--resume auto continues" in describe(full)
+    assert exit_code(full) == 1
+    assert describe(KeyError("dataset x has no column 'text'")) == "dataset x has no column 'text'"
