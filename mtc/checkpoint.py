@@ -10,12 +10,14 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TranscoderConfig
+from .errors import CheckpointError, disk_full_error
 from .scaling import ActivationScales
 from .transcoder import MatryoshkaTranscoder
 
@@ -94,6 +96,8 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, META_FILE)
+TEMPORARY_PREFIXES = (".tmp-", ".trash-")  # interrupted writes and deletions
 
 # Settings that may change when a run resumes: logging, paths, budget, and the dtypes (a resumed run
 # may land on another GPU; then it is no longer bit-identical, and the trainer says so).
@@ -113,17 +117,40 @@ def write_checkpoint(run_dir: Path, step: int, model: MatryoshkaTranscoder, trai
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save(model, tmp, scales)  # model.safetensors + config.json
-    torch.save(trainer_state, tmp / STATE_FILE)
-    atomic_write_bytes(tmp / META_FILE, json.dumps({"step": step, **meta}, indent=2).encode())
-    shutil.rmtree(final, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save(model, tmp, scales)  # model.safetensors + config.json
+        torch.save(trainer_state, tmp / STATE_FILE)
+        atomic_write_bytes(tmp / META_FILE, json.dumps({"step": step, **meta}, indent=2).encode())
+    except Exception as err:  # torch's zip writer and safetensors report a full disk as their own errors
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(run_dir)
+        kept = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was written yet"
+        needed = tensor_bytes(model.state_dict()) + tensor_bytes(trainer_state)
+        full = disk_full_error(err, root, needed, f"checkpoint step_{step}", kept)
+        if full is None:
+            raise
+        raise full from err
+    if final.exists():
+        remove_checkpoint(final)
     os.replace(tmp, final)
     return final
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a nested structure of dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (`step_<N>` folders with `meta.json`, written last), oldest first.
+    Listed is not loadable: a half-synced copy may lack a file; `load_checkpoint` says which."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -139,19 +166,97 @@ def checkpoint_step(path: Path) -> int:
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints, and leftovers of interrupted writes."""
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    root = Path(run_dir) / CHECKPOINTS
-    for leftover in root.glob(".tmp-*") if root.is_dir() else []:
-        shutil.rmtree(leftover, ignore_errors=True)
+        remove_checkpoint(old)
+    clean_temporaries(run_dir)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint (or other) folder so that no interruption leaves a partial one under its `step_<N>` name:
+    it is renamed to `.trash-step_<N>` first, then deleted."""
+    path = Path(path)
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_temporaries(run_dir: Path) -> None:
+    """Remove what interrupted writes and deletions left in a run dir or mirror (`.tmp-*`, `.trash-*`, in
+    the folder and in `checkpoints/`). Only for a folder no other process is writing: see `mtc.lock`."""
+    for folder in (Path(run_dir), Path(run_dir) / CHECKPOINTS):
+        if not folder.is_dir():
+            continue
+        for leftover in folder.iterdir():
+            if leftover.name.startswith(TEMPORARY_PREFIXES):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, device: torch.device | str | None = None) -> tuple[MatryoshkaTranscoder, dict, dict]:
-    """(model, trainer_state, meta) of a checkpoint folder."""
+    """(model, trainer_state, meta) of a checkpoint folder. Raises `CheckpointError` naming the file when
+    one is missing or unreadable (truncated, zero-filled, half-synced)."""
     path = Path(path)
-    model = load(path, device=device)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(path, problem)
+    try:
+        model = load(path, device=device)
+    except Exception as err:  # safetensors, JSON and size errors all mean the same: this file is damaged
+        raise CheckpointError(path, f"{WEIGHTS_FILE} or {CONFIG_FILE} cannot be loaded ({_brief(err)})") from err
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as err:  # zip, pickle and EOF errors
+        raise CheckpointError(path, f"{STATE_FILE} cannot be loaded ({_brief(err)})") from err
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(path, f"{STATE_FILE} lacks {missing}")
     meta = json.loads((path / META_FILE).read_text())
     return model, state, meta
+
+
+STATE_KEYS = ("step", "optimizer", "tokens_since_fired", "store", "torch_rng")
+
+
+def _brief(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why folder `path` is not a usable checkpoint, found by reading headers only (no tensors): a
+    missing, empty, truncated or zero-filled file. None when it looks whole."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is a file, not a checkpoint folder"
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing (an interrupted write or a half-synced copy)"
+        if (path / name).stat().st_size == 0:
+            return f"{name} is empty"
+    for name in (META_FILE, CONFIG_FILE):
+        try:
+            json.loads((path / name).read_text())
+        except (ValueError, OSError) as err:
+            return f"{name} is unreadable ({_brief(err)})"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:
+            weights.keys()
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        return f"{WEIGHTS_FILE} is damaged ({_brief(err)})"
+    try:
+        size = (path / STATE_FILE).stat().st_size
+        with zipfile.ZipFile(path / STATE_FILE) as archive:  # torch.save writes a zip archive
+            if any(info.header_offset + info.compress_size > size for info in archive.infolist()):
+                return f"{STATE_FILE} is truncated"
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        return f"{STATE_FILE} is damaged ({_brief(err)})"
+    return None
 
 
 def config_differences(saved: TranscoderConfig, current: TranscoderConfig) -> list[str]:
@@ -169,10 +274,17 @@ def copy_to_mirror(source: Path, mirror_root: Path, relative: str) -> None:
     tmp = target.with_name(f".tmp-{target.name}")
     if tmp.is_dir():
         shutil.rmtree(tmp)
-    if Path(source).is_dir():
-        shutil.copytree(source, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-    else:
-        shutil.copy2(source, tmp)
+    try:
+        if Path(source).is_dir():
+            shutil.copytree(source, tmp)
+            if target.exists():
+                remove_checkpoint(target)
+        else:
+            shutil.copy2(source, tmp)
+    except OSError:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, target)

@@ -14,6 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import TranscoderConfig
+from .errors import UsageError, debug_requested, describe, exit_code, reported
 
 LIST_FIELDS = {"prefix_sizes": int, "prefix_weights": float}
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default="auto",
                        help="'auto' (newest complete checkpoint, local or mirror), 'never', or a step_<N> folder")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--debug", action="store_true", help="show the traceback of an error (also: MTC_DEBUG=1)")
     add_config_arguments(train)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained transcoder on held-out tokens")
@@ -183,12 +185,14 @@ def config_settings(args: argparse.Namespace, d_model: int | None = None) -> lis
     name = preset_for(args.preset, args.layer, flags.get("model_name"))
     base = dict(PRESETS[name]) if name else {}
     layer_hooks = {}
+    if args.layer is not None and args.layer < 0:
+        raise UsageError(f"--layer {args.layer}: layers are numbered from 0; pass a layer of the model")
     if args.layer is not None:
         if not name and d_model is not None:
             model_name = flags.get("model_name", TranscoderConfig.model_name)
             base.update(defaults_for_layer(args.layer, d_model, model_name))
         layer_hooks = dict(zip(("source_hook", "target_hook"), default_hooks(args.layer)))
-    files = [json.loads(Path(path).read_text()) for path in args.config] or [{}]
+    files = [read_config_file(path) for path in args.config] or [{}]
     settings = []
     for data in files:
         chosen = {**data, **flags}  # what the user set explicitly
@@ -197,6 +201,51 @@ def config_settings(args: argparse.Namespace, d_model: int | None = None) -> lis
             merged["prefix_sizes"] = matryoshka_prefixes(merged["d_sae"])
         settings.append(merged)
     return settings
+
+
+def read_config_file(path: str) -> dict:
+    """The settings in a `--config` file, or a `UsageError` naming the file and what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: file not found; check the path (a run's settings are in "
+                         f"<run_dir>/config.json)") from None
+    except IsADirectoryError:
+        raise UsageError(f"--config {path}: is a folder; pass its config.json") from None
+    except OSError as err:
+        raise UsageError(f"--config {path}: cannot be read ({err.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"--config {path}: not valid JSON ({err}); fix the file or pass another") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: must hold one JSON object of TranscoderConfig fields "
+                         f'({{"d_sae": 4096, ...}}), got a JSON {type(data).__name__}')
+    return data
+
+
+def make_configs(settings: list[dict], sources: list[str]) -> list[TranscoderConfig]:
+    """Validated configs; a bad value names its `--config` file and, where the config's own message does
+    not, the field."""
+    configs = []
+    for data, source in zip(settings, sources):
+        try:
+            configs.append(TranscoderConfig.from_dict(data))
+        except (TypeError, ValueError) as err:
+            message = str(err)
+            if not message.startswith("TranscoderConfig"):
+                bad = [name for name, value in data.items() if _breaks_config(name, value)]
+                field = f"TranscoderConfig.{bad[0]}: {data[bad[0]]!r} is not a valid value" if bad else "settings"
+                message = f"{field} ({message}); see `python -m mtc train --help` for each field's type"
+            raise UsageError(f"{source}: {message}" if source else message) from None
+    return configs
+
+
+def _breaks_config(name: str, value) -> bool:
+    """Whether `value` alone (other fields at their defaults) fails with an error that names no field."""
+    try:
+        TranscoderConfig.from_dict({name: value})
+    except (TypeError, ValueError) as err:
+        return not str(err).startswith("TranscoderConfig")
+    return False
 
 
 def resolve_device(device: str) -> str:
@@ -208,15 +257,27 @@ def resolve_device(device: str) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from .colab import resolve_mirror_dir
+    from .lock import hold
+    from .preflight import check_before_model
+
+    sources = [f"--config {path}" for path in args.config] or [""]
+    configs = make_configs(config_settings(args), sources)  # validate before loading a model
+    mirrors = [resolve_mirror_dir(cfg.drive_dir, cfg.run_name) for cfg in configs]
+    check_before_model(configs, args.resume, mirrors)
+    with hold([cfg.run_dir for cfg in configs]):  # one process per run dir, refused before the model loads
+        return train_locked(args, configs, sources)
+
+
+def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sources: list[str]) -> int:
     from .activations import build_store
     from .colab import resolve_mirror_dir
     from .language_model import fit_config_to_model, load_language_model
     from .train import NonFiniteError, StopRequested, Trainer
 
-    configs = [TranscoderConfig.from_dict(s) for s in config_settings(args)]  # validate before loading a model
     device = resolve_device(configs[0].device)
     bridge = load_language_model(configs[0].model_name, device=device, dtype=configs[0].model_dtype)
-    configs = [TranscoderConfig.from_dict(s) for s in config_settings(args, d_model=bridge.cfg.d_model)]
+    configs = make_configs(config_settings(args, d_model=bridge.cfg.d_model), sources)
     configs = [fit_config_to_model(cfg, bridge) for cfg in configs]
     for cfg in configs:
         print(f"{cfg.run_name}: {cfg.model_name} {cfg.source_hook} -> {cfg.target_hook}, d_in={cfg.d_in} "
@@ -350,6 +411,7 @@ def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = debug_requested() or getattr(args, "debug", False)
     try:
         if args.command == "train":
             return train_command(args)
@@ -367,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             write_reports(eval_command(args, args.runs), Path(args.out), "compare")
             return 0
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if debug or not reported(err):
+            raise
+        print(f"error: {describe(err)}", file=sys.stderr)
+        return exit_code(err)
     return 2

@@ -168,22 +168,32 @@ def load_language_model(name: str, device: str = "cpu", dtype: str = "float32"):
     return bridge
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most about `limit` characters at a space, never inside a word or URL."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return (text[:cut] if cut > 0 else text.split(" ")[0]) + " ..."
+
+
 def explain_load_error(name: str, err: Exception) -> str:
     """Turn the many ways a hub download fails into what the user should do."""
-    text = f"{type(err).__name__}: {err}"
-    lowered = text.lower()
+    full = f"{type(err).__name__}: {err}"
+    lowered = full.lower()
+    text = shorten(full, 300)
     if any(s in lowered for s in ("gated", "401", "403", "access to model", "restricted")):
-        return (f"{name} is a gated model and the download was refused ({text[:200]}). Accept its licence on "
+        return (f"{name} is a gated model and the download was refused ({text}). Accept its licence on "
                 f"huggingface.co/{name} and put your token in the HF_TOKEN environment variable "
                 f"(in Colab: add it under Secrets, then os.environ['HF_TOKEN'] = userdata.get('HF_TOKEN')).")
     if any(s in lowered for s in ("repositorynotfound", "404", "not a valid model identifier", "does not appear to have")):
-        return (f"{name} is not a known Hugging Face model id or local folder ({text[:200]}). Check the spelling, "
+        return (f"{name} is not a known Hugging Face model id or local folder ({text}). Check the spelling, "
                 f"or use {OFFLINE_MODEL!r} for the embedded offline model.")
     if any(s in lowered for s in ("connection", "offline", "resolve", "timed out", "network", "max retries",
                                   "cannot find the requested files", "couldn't connect")):
-        return (f"could not download {name}: no network ({text[:200]}). Connect to the internet, pass a local "
+        return (f"could not download {name}: no network ({text}). Connect to the internet, pass a local "
                 f"folder, or use {OFFLINE_MODEL!r}, which needs none.")
-    return f"could not load {name}: {text[:500]}"
+    return f"could not load {name}: {shorten(full, 500)}"
 
 
 # Shapes of hub models, so throughput can be measured with random weights and no download.

@@ -26,6 +26,16 @@ def wandb_key_available() -> bool:
         return False
 
 
+def check_wandb_key(requested: str) -> None:
+    """`wandb_mode="online"` without an API key would make wandb prompt (and wait for ever on a terminal)
+    or fail deep inside `wandb.init`; refuse it up front with the fixes."""
+    if requested == "online" and not wandb_key_available():
+        from .errors import UsageError
+
+        raise UsageError("wandb_mode: online needs a W&B API key and none was found; set WANDB_API_KEY (in Colab: "
+                         "Secrets), run `wandb login`, or use --wandb-mode offline (upload later with `wandb sync`)")
+
+
 def choose_wandb_mode(requested: str) -> tuple[str, str]:
     """(mode, one-line explanation) for a config's `wandb_mode`."""
     if requested != "auto":
@@ -57,6 +67,7 @@ class RunLogger:
 
     def __init__(self, cfg: TranscoderConfig, run_dir: Path, resume: bool):
         self.run_dir = Path(run_dir)
+        check_wandb_key(cfg.wandb_mode)
         self.mode, self.message = choose_wandb_mode(cfg.wandb_mode)
         self.wandb_run = None
         self.log_checkpoints = cfg.wandb_log_checkpoints and self.mode == "online"
@@ -65,12 +76,17 @@ class RunLogger:
 
             # the id is stable per run dir so a resumed run continues the same W&B run
             run_id = cfg.run_name + "-" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
-            self.wandb_run = wandb.init(
-                project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=cfg.run_name,
-                config=cfg.to_dict(), dir=str(self.run_dir), mode=self.mode, id=run_id,
-                resume="allow" if resume else None, reinit="create_new",
-                settings=wandb.Settings(console="off", silent=True),
-            )
+            try:
+                self.wandb_run = wandb.init(
+                    project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=cfg.run_name,
+                    config=cfg.to_dict(), dir=str(self.run_dir), mode=self.mode, id=run_id,
+                    resume="allow" if resume else None, reinit="create_new",
+                    settings=wandb.Settings(console="off", silent=True),
+                )
+            except Exception as err:  # a rejected key, an unknown entity, no network: wandb's own error types
+                raise RuntimeError(f"wandb_mode: W&B could not start in {self.mode} mode ({err}); check "
+                                   f"WANDB_API_KEY, wandb_entity and wandb_project, or use --wandb-mode offline "
+                                   f"(upload later with `wandb sync`)") from err
 
     def log(self, metrics: dict) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as f:

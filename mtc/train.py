@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (checkpoint_step, config_differences, copy_to_mirror, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, save, write_checkpoint)
+from . import lock
+from .checkpoint import (checkpoint_step, clean_temporaries, config_differences, copy_to_mirror, list_checkpoints,
+                         load_checkpoint, prune_checkpoints, save, write_checkpoint)
 from .config import TranscoderConfig
+from .errors import CheckpointError, is_disk_full
 from .logger import METRICS_FILE, RunLogger, truncate_metrics
 from .samples import SampleCollector, context_lookup
 from .scaling import ActivationScales
@@ -57,6 +59,16 @@ def learning_rate(step: int, cfg: TranscoderConfig) -> float:
     decay_steps = max(1, cfg.total_steps - 1 - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def check_budget(cfg: TranscoderConfig, step: int, checkpoint: Path) -> None:
+    """Refuse a token budget that ends before a checkpoint already reached: the run cannot be shortened
+    (its final weights would be the longer run's under a shorter run's config). Extending is allowed."""
+    if step > cfg.total_steps:
+        raise ValueError(f"total_tokens: {cfg.total_tokens:,} tokens make {cfg.total_steps} steps, but checkpoint "
+                         f"{checkpoint} is at step {step}; a run cannot be shortened below its checkpoint. Set "
+                         f"--total-tokens to at least {step * cfg.batch_size:,} (extending is allowed), or choose "
+                         f"a new --run-name to start another run")
 
 
 def make_optimizer(model: MatryoshkaTranscoder, cfg: TranscoderConfig) -> torch.optim.Adam:
@@ -116,8 +128,9 @@ class Trainer:
     """Trains `configs` (one transcoder each) from `store`, which must serve one hook pair per config in
     the same order (see `mtc.activations.build_store`).
 
-    `resume`: "auto" continues from the newest complete checkpoint (local or mirror) if there is one,
-    "never" starts afresh, or a path to a `step_<N>` folder (single transcoder).
+    `resume`: "auto" continues from the newest complete checkpoint (local or mirror) that loads (a damaged
+    one is skipped with a warning naming the file and why), "never" starts afresh, or a path to a
+    `step_<N>` folder (single transcoder). A checkpoint beyond the token budget is refused.
     """
 
     def __init__(self, configs: list[TranscoderConfig], store, device: str | torch.device = "cpu",
@@ -163,6 +176,9 @@ class Trainer:
         if resume != "auto":
             if len(self.runs) != 1:
                 raise ValueError("resume from an explicit checkpoint path works for a single transcoder")
+            if not Path(resume).exists():
+                raise FileNotFoundError(f"--resume {resume} does not exist; pass a checkpoints/step_<N> folder, "
+                                        f"'auto' or 'never'")
             self._restore([Path(resume)])
             return True
         available = [self._checkpoints_by_step(run) for run in self.runs]
@@ -172,9 +188,17 @@ class Trainer:
         if not common:
             raise ValueError("the transcoders' run dirs hold checkpoints of different steps "
                              f"({[sorted(found) for found in available]}); resume them separately or use --resume never")
-        step = max(common)
-        self._restore([found[step] for found in available])
-        return True
+        skipped = []
+        for step in sorted(common, reverse=True):  # the newest checkpoint that loads
+            try:
+                self._restore([found[step] for found in available])
+                return True
+            except CheckpointError as err:
+                skipped.append(str(err))
+                print(f"warning: skipping {err}; trying the previous checkpoint", file=sys.stderr)
+        raise CheckpointError(self.runs[0].run_dir / "checkpoints",
+                              f"no checkpoint loads ({'; '.join(skipped)}). Restore one from a copy, delete the "
+                              f"damaged step folders to start afresh, or choose a new run_name")
 
     @staticmethod
     def _fetch_history(run: Run) -> None:
@@ -200,15 +224,21 @@ class Trainer:
         found.update({checkpoint_step(p): p for p in list_checkpoints(run.run_dir)})  # local wins ties
         return found
 
+    def _read_checkpoint(self, run: Run, path: Path) -> tuple[MatryoshkaTranscoder, dict, dict]:
+        """Load and check one checkpoint without touching the run: `CheckpointError` when a file is damaged
+        (the caller may fall back to an older one), `ValueError` when it belongs to another run or lies
+        beyond the token budget."""
+        saved, state, meta = load_checkpoint(path, device=self.device)
+        differences = config_differences(saved.cfg, run.cfg)
+        if differences:
+            raise ValueError(f"checkpoint {path} belongs to a different run: " + "; ".join(differences)
+                             + ". Use the run's own config, or a new run_name to start another run.")
+        check_budget(run.cfg, state["step"], path)
+        return saved, state, meta
+
     def _restore(self, paths: list[Path]) -> None:
-        for run, path in zip(self.runs, paths):
-            if not (path / "meta.json").is_file():
-                raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
-            saved, state, meta = load_checkpoint(path, device=self.device)
-            differences = config_differences(saved.cfg, run.cfg)
-            if differences:
-                raise ValueError(f"checkpoint {path} belongs to a different run: " + "; ".join(differences)
-                                 + ". Use the run's own config, or a new run_name to start another run.")
+        loaded = [self._read_checkpoint(run, path) for run, path in zip(self.runs, paths)]  # all, before any change
+        for run, path, (saved, state, meta) in zip(self.runs, paths, loaded):
             for name in ("model_dtype", "activation_dtype", "compute_dtype", "kernels"):
                 if getattr(saved.cfg, name) != getattr(run.cfg, name):
                     print(f"note: {name} changed from {getattr(saved.cfg, name)} to {getattr(run.cfg, name)} "
@@ -238,6 +268,24 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train(self) -> list[dict]:
         """Run to the end of the token budget; returns each transcoder's last metrics."""
+        with lock.hold([run.run_dir for run in self.runs]):
+            self._clean_temporaries()
+            try:
+                return self._train()
+            finally:
+                self._clean_temporaries()  # what a failed write (a full disk) left behind
+
+    def _clean_temporaries(self) -> None:
+        """Leftovers of interrupted writes, locally and on the mirror (safe: this process holds the run dir)."""
+        for run in self.runs:
+            clean_temporaries(run.run_dir)
+            if run.mirror_dir is not None:
+                try:
+                    clean_temporaries(run.mirror_dir)
+                except OSError:
+                    pass  # an unreachable mirror only warns, when it is first written
+
+    def _train(self) -> list[dict]:
         for run in self.runs:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             run.cfg.save(run.run_dir / "config.json")
@@ -424,7 +472,8 @@ class Trainer:
         try:
             run.mirror_job.result()
         except OSError as err:
-            tqdm.write(f"warning: could not copy to the mirror {run.mirror_dir} ({err}); training goes on and "
+            full = "its disk is full: " if is_disk_full(err) else ""
+            tqdm.write(f"warning: could not copy to the mirror {run.mirror_dir} ({full}{err}); training goes on and "
                        f"local checkpoints in {run.run_dir} are kept", file=sys.stderr)
         run.mirror_job = None
 
