@@ -329,6 +329,7 @@ class Trainer:
             for run in self.runs:
                 self._save_final(run)
                 self._save_samples(run)
+                self._to_raw_units(run)
         finally:
             bar.close()
             restore_signals()
@@ -442,6 +443,12 @@ class Trainer:
         for i, run in enumerate(self.runs):
             sources = [self._training_units(run, batch.sources[i], batch.targets[i])[0] for batch in batches]
             run.model.calibrate_threshold(sources)
+
+    @staticmethod
+    def _to_raw_units(run: Run) -> None:
+        """After the run, the in-memory transcoder becomes what `final/` holds: raw units, scales folded in."""
+        run.model.load_state_dict(run.scales.fold(run.model.state_dict()))
+        run.scales = ActivationScales()
 
     def _save_final(self, run: Run) -> None:
         tmp, final = run.run_dir / ".tmp-final", run.run_dir / "final"

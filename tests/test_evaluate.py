@@ -121,3 +121,13 @@ def test_bos_is_never_replaced_in_spliced_runs(gemma2_bridge, contexts):
     log_probs = torch.log_softmax(logits[:, :-1].float(), -1)
     ce = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0][keep[:, 1:]].double().mean()
     assert report["ce_zero_ablation"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_held_out_contexts_are_spread_over_the_held_out_text(gemma2_bridge):
+    tokenizer = gemma2_bridge.tokenizer
+    stream = list(itertools.islice(pack_contexts(split_documents(load_documents("pydoc"), "eval"), tokenizer, 32),
+                                   40))
+    chosen = held_out_contexts(gemma2_bridge, "pydoc", n_tokens=31 * 10, seq_len=32)
+    assert len(chosen) == 10
+    assert torch.equal(chosen[0], stream[0]) and torch.equal(chosen[-1], stream[39])
+    assert not torch.equal(chosen[1], stream[1]), "not simply the first contexts"

@@ -336,3 +336,14 @@ def test_os_errors_are_described_by_file_and_fix():
     assert describe(full).startswith("disk full (") and "--resume auto continues" in describe(full)
     assert exit_code(full) == 1
     assert describe(KeyError("dataset x has no column 'text'")) == "dataset x has no column 'text'"
+
+
+# ---------------------------------------------------------------------- 9. divergence while finite
+def test_a_run_diverging_while_finite_is_warned_about_and_exits_non_zero(tiny_dirs, tmp_path, capsys):
+    args = train_args(tiny_dirs["gemma2"], tmp_path, "--lr", "100", "--min-lr", "100", "--warmup-steps", "0",
+                      "--log-every", "2", steps=20)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "r is diverging: FVU above 2 for 3 log intervals" in err
+    assert "error: r diverged (final FVU above 2" in err and "Traceback" not in err
+    assert (tmp_path / "r" / "final" / "model.safetensors").is_file(), "the weights are kept"

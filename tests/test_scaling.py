@@ -111,3 +111,18 @@ def test_training_does_not_depend_on_the_units_of_the_hooks(tmp_path):
     assert rescaled["dead_pct"] == pytest.approx(plain["dead_pct"], abs=2.0)
     raw = train_in_units(tmp_path, "raw", 0.01, 100.0, normalize_activations="none")
     assert raw["fvu"] > plain["fvu"] + 0.1 or raw["dead_pct"] > plain["dead_pct"] + 20
+
+
+def test_after_training_the_in_memory_model_is_the_raw_unit_final_model(tmp_path):
+    from mtc.testing import SyntheticStore
+    from mtc.train import Trainer
+
+    cfg = TranscoderConfig(d_in=48, d_out=40, d_sae=64, k=4, batch_size=128, total_tokens=128 * 10, warmup_steps=2,
+                           output_dir=str(tmp_path), run_name="r", wandb_mode="disabled", drive_dir="none",
+                           samples_every=0, calibration_tokens=256)
+    store = ScaledStore(SyntheticStore(48, 40, 128), 0.01, 100.0)
+    trainer = Trainer([cfg], store, progress=False)
+    trainer.train()
+    final = load(tmp_path / "r" / "final")
+    for name, tensor in final.state_dict().items():
+        assert torch.equal(trainer.runs[0].model.state_dict()[name], tensor), name
