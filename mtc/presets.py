@@ -15,11 +15,21 @@ def matryoshka_prefixes(d_sae: int) -> list[int]:
     return [first, 3 * first, 7 * first, d_sae]
 
 
+DEMO_LR, DEMO_D_SAE = 1.25e-3, 2560  # chosen by the ablations in docs/training.md
+
+
+def width_scaled_lr(d_sae: int) -> float:
+    """The demo's learning rate scaled by 1/sqrt(width), the usual rule for sparse dictionaries (sparsify and
+    OpenAI's TopK autoencoders use it too); activations are normalised, so it carries across models."""
+    return round(DEMO_LR * (DEMO_D_SAE / d_sae) ** 0.5, 6)
+
+
 def _gemma2(layer: int, d_sae: int, steps: int, **extra) -> dict:
     source, target = default_hooks(layer)
+    lr = width_scaled_lr(d_sae)
     return dict(model_name=GEMMA2_2B, source_hook=source, target_hook=target, d_sae=d_sae,
                 prefix_sizes=matryoshka_prefixes(d_sae), k=96, batch_size=4096, total_tokens=steps * 4096,
-                warmup_steps=min(200, steps // 10), lr=3e-4, min_lr=3e-5, seq_len=128, model_batch_size=32,
+                warmup_steps=min(200, steps // 10), lr=lr, min_lr=lr / 10, seq_len=128, model_batch_size=32,
                 buffer_tokens=262_144, dataset="HuggingFaceFW/fineweb-edu", run_name=f"gemma2-2b-l{layer}",
                 dead_after_tokens=5_000_000, **extra)
 
@@ -35,8 +45,8 @@ PRESETS: dict[str, dict] = {
     # gains span 0..27, and on this short budget the gained input reaches a clearly lower FVU.
     "demo": dict(model_name=OFFLINE_MODEL, source_hook=hook_name("mlp_in", 6), target_hook=default_hooks(6)[1],
                  d_sae=2560, prefix_sizes=matryoshka_prefixes(2560), k=32, k_aux=256, batch_size=512,
-                 total_tokens=512 * 700, warmup_steps=25, lr=1e-3, min_lr=1e-4, seq_len=128, model_batch_size=16,
-                 buffer_tokens=32_768, dataset="pydoc", run_name="demo", dead_after_tokens=100_000,
+                 total_tokens=512 * 700, warmup_steps=25, lr=DEMO_LR, min_lr=DEMO_LR / 10, seq_len=128,
+                 model_batch_size=16, buffer_tokens=131_072, dataset="pydoc", run_name="demo", dead_after_tokens=100_000,
                  log_every=25, checkpoint_every=100),
 }
 
