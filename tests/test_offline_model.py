@@ -56,15 +56,15 @@ def test_short_demo_run_on_the_offline_model_evaluates(gemma3, tmp_path):
     from mtc.samples import load_samples
     from mtc.train import Trainer
 
-    settings = {**PRESETS["demo"], "total_tokens": 512 * 20, "warmup_steps": 2, "log_every": 10,
-                "checkpoint_every": 20, "buffer_tokens": 4096, "output_dir": str(tmp_path), "drive_dir": "none",
+    settings = {**PRESETS["demo"], "total_tokens": 512 * 30, "warmup_steps": 2, "log_every": 10,
+                "checkpoint_every": 30, "buffer_tokens": 4096, "output_dir": str(tmp_path), "drive_dir": "none",
                 "wandb_mode": "disabled", "samples_every": 5}
     cfg = fit_config_to_model(TranscoderConfig(**settings), gemma3)
     trainer = Trainer([cfg], build_store(gemma3, [cfg]), progress=False)
     (metrics,) = trainer.train()
-    assert metrics["fvu"] < 1.0
+    assert metrics["fvu"] < 1.0  # random latents start above 1 (they add noise to b_dec = the mean)
     samples = load_samples(cfg.run_dir)
-    assert samples.tokens_seen == 4 * 512
+    assert samples.tokens_seen == 6 * 512
 
     report = evaluate(trainer.runs[0].model, gemma3, held_out_contexts(gemma3, "pydoc", 256, 64), batch_size=2)
     assert report["ce_zero_ablation"] > report["ce_clean"]
