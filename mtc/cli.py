@@ -273,7 +273,7 @@ def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sour
     from .activations import build_store
     from .colab import resolve_mirror_dir
     from .language_model import fit_config_to_model, load_language_model
-    from .train import DIVERGING_FVU, NonFiniteError, StopRequested, Trainer
+    from .train import DIVERGING_FVU, NonFiniteError, StopRequested, Trainer, diverged
 
     device = resolve_device(configs[0].device)
     bridge = load_language_model(configs[0].model_name, device=device, dtype=configs[0].model_dtype)
@@ -302,11 +302,11 @@ def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sour
         print(f"run_dir: {cfg.run_dir}")
         if mirror is not None:
             print(f"mirror_dir: {mirror}")
-    diverged = [cfg.run_name for cfg, metrics in zip(configs, results) if metrics["fvu"] > DIVERGING_FVU]
-    if diverged:
-        print(f"error: {', '.join(diverged)} diverged (final FVU above {DIVERGING_FVU:g}, worse than predicting "
-              "the mean); the weights and checkpoints are kept, but retrain with a lower lr or a longer warmup",
-              file=sys.stderr)
+    failed = [run.cfg.run_name for run in trainer.runs if diverged(run)]
+    if failed:
+        print(f"error: {', '.join(failed)} diverged (FVU above {DIVERGING_FVU:g}, worse than predicting the mean, "
+              "and not improving at the end); the weights and checkpoints are kept, but retrain with a lower lr "
+              "or a longer warmup", file=sys.stderr)
         return 1
     return 0
 

@@ -49,7 +49,12 @@ class StopRequested(Exception):
 
 
 DIVERGING_FVU = 2.0  # worse than predicting the mean (FVU 1) by far
-DIVERGING_INTERVALS = 3  # consecutive log lines above it before the trainer warns
+DIVERGING_INTERVALS = 3  # consecutive log lines above it, with no new best, before the trainer warns
+
+
+def diverged(run: Run) -> bool:
+    """Whether the run ended diverging: its last log lines were all above DIVERGING_FVU without improving."""
+    return run.diverging_intervals >= DIVERGING_INTERVALS
 
 
 def learning_rate(step: int, cfg: TranscoderConfig) -> float:
@@ -112,7 +117,8 @@ class Run:
     last_metrics: dict = field(default_factory=dict)
     mirror_job: Future | None = None
     scales: ActivationScales = field(default_factory=ActivationScales)  # training units = raw / scales
-    diverging_intervals: int = 0  # consecutive log lines with FVU above DIVERGING_FVU
+    diverging_intervals: int = 0  # consecutive log lines with FVU above DIVERGING_FVU and no new best
+    best_fvu: float = math.inf
 
 
 def accumulate(sums: dict, out: TrainingOutput) -> None:
@@ -378,10 +384,13 @@ class Trainer:
         self._warn_if_diverging(run, metrics["fvu"])
 
     def _warn_if_diverging(self, run: Run, fvu: float) -> None:
-        """A run can diverge while staying finite (FVU in the thousands and rising); say so once."""
-        run.diverging_intervals = run.diverging_intervals + 1 if fvu > DIVERGING_FVU else 0
+        """A run can diverge while staying finite (FVU in the thousands and rising); say so once. A run still
+        improving from a poor start (FVU above 2 but falling) is not diverging."""
+        stalled = fvu > DIVERGING_FVU and fvu >= run.best_fvu
+        run.best_fvu = min(run.best_fvu, fvu)
+        run.diverging_intervals = run.diverging_intervals + 1 if stalled else 0
         if run.diverging_intervals == DIVERGING_INTERVALS:
-            tqdm.write(f"warning: {run.cfg.run_name} is diverging: FVU above {DIVERGING_FVU:g} for "
+            tqdm.write(f"warning: {run.cfg.run_name} is diverging: FVU above {DIVERGING_FVU:g} and not improving for "
                        f"{DIVERGING_INTERVALS} log intervals in a row (now {fvu:.3g}; predicting the mean gives "
                        f"1). Try a lower lr (now {run.cfg.lr:g}), a longer warmup_steps (now "
                        f"{run.cfg.warmup_steps}) or a smaller grad_clip (now {run.cfg.grad_clip:g}).",

@@ -344,6 +344,6 @@ def test_a_run_diverging_while_finite_is_warned_about_and_exits_non_zero(tiny_di
                       "--log-every", "2", steps=20)
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "r is diverging: FVU above 2 for 3 log intervals" in err
-    assert "error: r diverged (final FVU above 2" in err and "Traceback" not in err
+    assert "r is diverging: FVU above 2 and not improving for 3 log intervals" in err
+    assert "error: r diverged (FVU above 2" in err and "Traceback" not in err
     assert (tmp_path / "r" / "final" / "model.safetensors").is_file(), "the weights are kept"

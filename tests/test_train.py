@@ -253,7 +253,7 @@ def test_a_run_diverging_while_finite_is_warned_about(tmp_path, capsys):
     _, (metrics,) = train(cfg)
     assert metrics["fvu"] > 2 and math.isfinite(metrics["fvu"])
     err = capsys.readouterr().err
-    assert "syn is diverging: FVU above 2 for 3 log intervals" in err and "lower lr (now 30)" in err
+    assert "syn is diverging: FVU above 2 and not improving for 3 log intervals" in err and "lower lr (now 30)" in err
 
 
 def test_a_healthy_run_gets_no_divergence_warning(tmp_path, capsys):
