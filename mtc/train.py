@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import lock
-from .checkpoint import (checkpoint_step, clean_temporaries, config_differences, copy_to_mirror, list_checkpoints,
-                         load_checkpoint, prune_checkpoints, save, write_checkpoint)
+from .checkpoint import (checkpoint_step, clean_temporaries, config_differences, list_checkpoints, load_checkpoint,
+                         prune_checkpoints, save, write_checkpoint)
 from .config import TranscoderConfig
-from .errors import CheckpointError, is_disk_full
+from .errors import CheckpointError
 from .logger import METRICS_FILE, RunLogger, truncate_metrics
+from .mirror import Mirror
 from .samples import SampleCollector, context_lookup
 from .scaling import ActivationScales
 from .transcoder import MatryoshkaTranscoder, TrainingOutput
@@ -110,12 +111,11 @@ class Run:
     model: MatryoshkaTranscoder
     optimizer: torch.optim.Optimizer
     run_dir: Path
-    mirror_dir: Path | None
+    mirror: Mirror
     samples: SampleCollector | None = None
     interval: dict = field(default_factory=dict)  # detached running sums since the last log line
     logger: RunLogger | None = None
     last_metrics: dict = field(default_factory=dict)
-    mirror_job: Future | None = None
     scales: ActivationScales = field(default_factory=ActivationScales)  # training units = raw / scales
     diverging_intervals: int = 0  # consecutive log lines with FVU above DIVERGING_FVU and no new best
     best_fvu: float = math.inf
@@ -155,8 +155,8 @@ class Trainer:
         self.total_steps = configs[0].total_steps
         self.step = 0
         mirror_dirs = mirror_dirs or [None] * len(configs)
-        self.runs = [self._new_run(cfg, mirror) for cfg, mirror in zip(configs, mirror_dirs)]
         self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtc-mirror")
+        self.runs = [self._new_run(cfg, mirror) for cfg, mirror in zip(configs, mirror_dirs)]
         self._stop_signal: int | None = None
         self._resumed = self._resume(resume)
 
@@ -167,7 +167,8 @@ class Trainer:
         optimizer = make_optimizer(model, cfg)
         samples = SampleCollector(cfg.d_sae, top_n=cfg.samples_top_n, device=self.device, seed=cfg.seed) \
             if cfg.samples_every else None
-        return Run(cfg=cfg, model=model, optimizer=optimizer, run_dir=cfg.run_dir, mirror_dir=mirror_dir,
+        mirror = Mirror(mirror_dir, cfg.run_dir, cfg.keep_checkpoints, self._mirror_pool)
+        return Run(cfg=cfg, model=model, optimizer=optimizer, run_dir=cfg.run_dir, mirror=mirror,
                    samples=samples)
 
     def _resume(self, resume: str) -> bool:
@@ -207,26 +208,8 @@ class Trainer:
                               f"damaged step folders to start afresh, or choose a new run_name")
 
     @staticmethod
-    def _fetch_history(run: Run) -> None:
-        """Resuming from the mirror on a fresh machine: bring back the run's metrics and config first, so
-        the next mirror copy does not replace the mirror's history with a shorter one."""
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in (METRICS_FILE, "config.json"):
-            source = run.mirror_dir / name
-            if source.is_file() and not (run.run_dir / name).exists():
-                lines = source.read_text().splitlines(keepends=True)
-                if name == METRICS_FILE and lines and not lines[-1].endswith("\n"):
-                    lines = lines[:-1]  # a copy torn by an interrupted append
-                (run.run_dir / name).write_text("".join(lines))
-
-    @staticmethod
     def _checkpoints_by_step(run: Run) -> dict[int, Path]:
-        found = {}
-        if run.mirror_dir is not None:
-            try:
-                found.update({checkpoint_step(p): p for p in list_checkpoints(run.mirror_dir)})
-            except OSError:
-                pass  # an unreachable mirror is no reason to fail: local checkpoints still count
+        found = run.mirror.checkpoints()
         found.update({checkpoint_step(p): p for p in list_checkpoints(run.run_dir)})  # local wins ties
         return found
 
@@ -250,8 +233,8 @@ class Trainer:
                     print(f"note: {name} changed from {getattr(saved.cfg, name)} to {getattr(run.cfg, name)} "
                           "(another GPU?); the run continues but is no longer bit-identical to an "
                           "uninterrupted one", file=sys.stderr)
-            if run.mirror_dir is not None and run.mirror_dir in path.parents:
-                self._fetch_history(run)
+            if run.mirror.holds(path):
+                run.mirror.fetch_history()
             # model.safetensors is in raw units; training continues from the training-unit weights
             run.model.load_state_dict(state.get("model", saved.state_dict()))
             run.scales = ActivationScales.from_dict(state.get("scales"))
@@ -285,11 +268,7 @@ class Trainer:
         """Leftovers of interrupted writes, locally and on the mirror (safe: this process holds the run dir)."""
         for run in self.runs:
             clean_temporaries(run.run_dir)
-            if run.mirror_dir is not None:
-                try:
-                    clean_temporaries(run.mirror_dir)
-                except OSError:
-                    pass  # an unreachable mirror only warns, when it is first written
+            run.mirror.clean()
 
     def _train(self) -> list[dict]:
         for run in self.runs:
@@ -339,7 +318,8 @@ class Trainer:
         finally:
             bar.close()
             restore_signals()
-            self._wait_for_mirrors()
+            for run in self.runs:
+                run.mirror.wait()
             for run in self.runs:
                 if run.logger is not None:
                     run.logger.finish()
@@ -412,10 +392,10 @@ class Trainer:
             meta = {"tokens": self.step * run.cfg.batch_size, "metrics": run.last_metrics, "time": time.time(),
                     "activation_scales": run.scales.to_dict()}
             path = write_checkpoint(run.run_dir, self.step, run.model, state, meta, run.scales)
-            self._wait_for_mirror(run)  # the background copy may still be reading an older checkpoint
+            run.mirror.wait()  # the background copy may still be reading an older checkpoint
             prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
             run.logger.log_checkpoint(path, self.step)
-            self._mirror(run, [(path, f"checkpoints/{path.name}"), (run.run_dir / METRICS_FILE, METRICS_FILE),
+            run.mirror.copy([(path, f"checkpoints/{path.name}"), (run.run_dir / METRICS_FILE, METRICS_FILE),
                                (run.run_dir / "config.json", "config.json")], prune=True)
 
     def _collect_samples(self, outputs, batch) -> None:
@@ -433,7 +413,7 @@ class Trainer:
         meta = {"model_name": run.cfg.model_name, "source_hook": run.cfg.source_hook,
                 "target_hook": run.cfg.target_hook, "prefix_sizes": run.cfg.prefix_sizes, "step": self.step}
         path = run.samples.save(run.run_dir / "samples", context_lookup(make_contexts), meta=meta)
-        self._mirror(run, [(path, "samples")], prune=False)
+        run.mirror.copy([(path, "samples")], prune=False)
 
     def _calibrate_thresholds(self) -> None:
         """Set each transcoder's inference threshold from `calibration_tokens` tokens after the budget, at most
@@ -465,37 +445,7 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        self._mirror(run, [(final, "final")], prune=False)
-
-    def _mirror(self, run: Run, items: list[tuple[Path, str]], prune: bool) -> None:
-        """Copy to the run's mirror in the background; one copy at a time, failures only warn."""
-        if run.mirror_dir is None:
-            return
-        self._wait_for_mirror(run)
-
-        def copy() -> None:
-            for source, relative in items:
-                if source.exists():
-                    copy_to_mirror(source, run.mirror_dir, relative)
-            if prune:
-                prune_checkpoints(run.mirror_dir, run.cfg.keep_checkpoints)
-
-        run.mirror_job = self._mirror_pool.submit(copy)
-
-    def _wait_for_mirror(self, run: Run) -> None:
-        if run.mirror_job is None:
-            return
-        try:
-            run.mirror_job.result()
-        except OSError as err:
-            full = "its disk is full: " if is_disk_full(err) else ""
-            tqdm.write(f"warning: could not copy to the mirror {run.mirror_dir} ({full}{err}); training goes on and "
-                       f"local checkpoints in {run.run_dir} are kept", file=sys.stderr)
-        run.mirror_job = None
-
-    def _wait_for_mirrors(self) -> None:
-        for run in self.runs:
-            self._wait_for_mirror(run)
+        run.mirror.copy([(final, "final")], prune=False)
 
     def _install_signal_handlers(self):
         """SIGTERM/SIGINT finish the current step, write a checkpoint and stop (main thread only)."""
