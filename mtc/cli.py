@@ -367,8 +367,7 @@ def bench_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--parts: unknown part(s) {sorted(unknown)}; choose from forward, pipeline, step")
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    config_fields = {f.name for f in fields(TranscoderConfig)}
-    overrides = {name: value for name, value in vars(args).items() if name in config_fields - {"device"}}
+    overrides = config_overrides(args)
     if args.random_weights:
         overrides.setdefault("dataset", "pydoc")  # the text does not matter for throughput
     settings = BenchSettings(preset=preset, device=device, parts=("step",) if args.synthetic else parts,
@@ -383,6 +382,12 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The `TranscoderConfig` fields set on a bench command line (its `--device` is the bench's own)."""
+    return {f.name: getattr(args, f.name) for f in fields(TranscoderConfig)
+            if f.name != "device" and hasattr(args, f.name)}
+
+
 def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
     from .checkpoint import atomic_write_bytes
     from .presets import PRESETS
@@ -390,8 +395,7 @@ def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
 
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    config_fields = {f.name for f in fields(TranscoderConfig)}
-    overrides = {name: value for name, value in vars(args).items() if name in config_fields - {"device"}}
+    overrides = config_overrides(args)
     settings = {**PRESETS[preset], "wandb_mode": "disabled", "drive_dir": "none", "samples_every": 0,
                 "output_dir": "runs/quality", **overrides}
     cfg = TranscoderConfig.from_dict(settings)

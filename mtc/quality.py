@@ -1,6 +1,6 @@
 """Training quality on stored activations: the same tokens for every recipe, and for peer tools.
 
-`python -m mtc bench --quality` (see `mtc.bench`) stores the activations a run would train on, then trains
+`python -m mtc bench --quality` (see `mtc.cli`) stores the activations a run would train on, then trains
 transcoders on them with the real `Trainer` and evaluates each on the same held-out tokens:
 
 - `collect_cache`: the training batches exactly as the store serves them (shuffled), plus held-out tokens
@@ -88,10 +88,8 @@ class CachedStore:
     newest first (only the threshold calibration reads past the budget, and it should see the data the
     model ended on)."""
 
-    def __init__(self, cache: ActivationCache, batch_size: int, source_factor: float = 1.0,
-                 target_factor: float = 1.0):
+    def __init__(self, cache: ActivationCache, batch_size: int):
         self.cache, self.batch_size = cache, batch_size
-        self.source_factor, self.target_factor = source_factor, target_factor  # to test scale invariance
         self.n_batches = len(cache.train_source) // batch_size
         if self.n_batches == 0:
             raise ValueError(f"the cache holds {len(cache.train_source)} training tokens, fewer than "
@@ -104,8 +102,7 @@ class CachedStore:
         rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
         self.served += 1
         zeros = torch.zeros(self.batch_size, dtype=torch.long)
-        return ActivationBatch(sources=[self.cache.train_source[rows] * self.source_factor],
-                               targets=[self.cache.train_target[rows] * self.target_factor],
+        return ActivationBatch(sources=[self.cache.train_source[rows]], targets=[self.cache.train_target[rows]],
                                context_ids=zeros, positions=zeros)
 
     def state_dict(self) -> dict:
@@ -116,35 +113,36 @@ class CachedStore:
 
 
 @torch.no_grad()
-def evaluate_cached(model: MatryoshkaTranscoder, cache: ActivationCache, source_factor: float = 1.0,
-                    target_factor: float = 1.0, batch_size: int = 4096) -> dict:
+def evaluate_cached(model: MatryoshkaTranscoder, cache: ActivationCache, batch_size: int = 4096) -> dict:
     """Held-out FVU per prefix (pooled over all held-out tokens), L0 and dead share of the JumpReLU model."""
     cfg = model.cfg
-    y_all = cache.eval_target.double() * target_factor
+    y_all = cache.eval_target.double()
     total_variance = float((y_all - y_all.mean(0)).pow(2).sum())
-    rows = []
-    for g in range(1, cfg.n_prefixes + 1):
-        residual, active, fired = 0.0, 0.0, torch.zeros(cfg.prefix_sizes[g - 1], dtype=torch.long)
-        for start in range(0, len(cache.eval_source), batch_size):
-            x = (cache.eval_source[start:start + batch_size] * source_factor).to(model.W_enc)
-            y = (cache.eval_target[start:start + batch_size] * target_factor).to(model.W_enc)
-            latents = model.encode(x, prefix=g)
-            residual += float((y - model(x, prefix=g)).double().pow(2).sum())
-            active += float((latents > 0).sum())
-            fired += (latents > 0).sum(0).cpu()
-        rows.append({"prefix": g, "latents": cfg.prefix_sizes[g - 1], "fvu": residual / total_variance,
-                     "l0": active / len(cache.eval_source), "dead_pct": 100.0 * float((fired == 0).double().mean())})
-    return {"full": rows[-1], "prefixes": rows, "tokens": len(cache.eval_source)}
+    residual = torch.zeros(cfg.n_prefixes, dtype=torch.float64)
+    fired = torch.zeros(cfg.d_sae, dtype=torch.long)  # per latent; a prefix's latents are its first m
+    for start in range(0, len(cache.eval_source), batch_size):
+        x = cache.eval_source[start:start + batch_size].to(model.W_enc)
+        y = cache.eval_target[start:start + batch_size].to(model.W_enc)
+        latents = model.encode(x)  # each prefix's latents are the first columns: encode once
+        skip = x @ model.W_skip if model.W_skip is not None else 0.0
+        for g, m in enumerate(cfg.prefix_sizes):
+            y_hat = model.decode(latents[:, :m], prefix=g + 1) + skip
+            residual[g] += float((y - y_hat).double().pow(2).sum())
+        fired += (latents > 0).sum(0).cpu()
+    n = len(cache.eval_source)
+    rows = [{"prefix": g + 1, "latents": m, "fvu": float(residual[g]) / total_variance,
+             "l0": float(fired[:m].sum()) / n, "dead_pct": 100.0 * float((fired[:m] == 0).double().mean())}
+            for g, m in enumerate(cfg.prefix_sizes)]
+    return {"full": rows[-1], "prefixes": rows, "tokens": n}
 
 
-def train_cached(cfg: TranscoderConfig, cache: ActivationCache, source_factor: float = 1.0,
-                 target_factor: float = 1.0, device: str = "cpu") -> dict:
+def train_cached(cfg: TranscoderConfig, cache: ActivationCache, device: str = "cpu") -> dict:
     """Train `cfg` on the cache's training rows with the real `Trainer` (into `cfg.run_dir`), then evaluate
     the saved model on the held-out rows. Returns the eval report with the trainer's last metrics."""
     from .checkpoint import load
     from .train import Trainer
 
-    store = CachedStore(cache, cfg.batch_size, source_factor, target_factor)
+    store = CachedStore(cache, cfg.batch_size)
     if cfg.total_steps > store.n_batches:
         raise ValueError(f"total_tokens={cfg.total_tokens} needs {cfg.total_steps} batches; the cache holds "
                          f"{store.n_batches} of batch_size={cfg.batch_size}")
@@ -153,7 +151,7 @@ def train_cached(cfg: TranscoderConfig, cache: ActivationCache, source_factor: f
     (metrics,) = trainer.train()
     seconds = time.perf_counter() - start
     model = load(cfg.run_dir / "final", device=device)
-    report = evaluate_cached(model, cache, source_factor, target_factor)
+    report = evaluate_cached(model, cache)
     report.update(train=metrics, seconds=seconds)
     return report
 

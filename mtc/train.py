@@ -419,9 +419,9 @@ class Trainer:
         """Set each transcoder's inference threshold from `calibration_tokens` tokens after the budget, at most
         a tenth of the run's (the same tokens on every resume: the store continues where training stopped)."""
         cfg = self.runs[0].cfg
-        n_batches = min(-(-cfg.calibration_tokens // cfg.batch_size), max(1, cfg.total_steps // 10))
         if cfg.calibration_tokens == 0:
             return
+        n_batches = min(-(-cfg.calibration_tokens // cfg.batch_size), max(1, cfg.total_steps // 10))
         if getattr(self.store, "total_batches", None) is not None:
             self.store.total_batches = cfg.total_steps + n_batches  # one buffer fill for them, not one per batch
         try:
