@@ -21,17 +21,19 @@ Ratios: pipeline / forward (1.0 means training is as fast as reading the activat
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from .config import TranscoderConfig
+from .config import TranscoderConfig, resolve_device
 from .presets import GEMMA2_2B, PRESETS
 from .transcoder import MatryoshkaTranscoder, TrainingOutput
 
@@ -294,3 +296,68 @@ def write_report(report: dict, path: Path) -> None:
     from .checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------- command line
+def bench_command(args: argparse.Namespace) -> int:
+    """`python -m mtc bench ...`: the throughput benchmark, or with `--quality` the quality benchmark."""
+    device = resolve_device(args.device)
+    preset = args.preset or ("gemma2-2b-l17" if device == "cuda" and not args.quality else "demo")
+    if args.quality:
+        return quality_command(args, preset, device)
+    parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
+    unknown = set(parts) - {"forward", "pipeline", "step"}
+    if unknown or not parts:
+        raise ValueError(f"--parts: unknown part(s) {sorted(unknown)}; choose from forward, pipeline, step")
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides = config_overrides(args)
+    if args.random_weights:
+        overrides.setdefault("dataset", "pydoc")  # the text does not matter for throughput
+    settings = BenchSettings(preset=preset, device=device, parts=("step",) if args.synthetic else parts,
+                             fills=1 if args.short else args.fills, steps=3 if args.short else args.steps,
+                             rounds=1 if args.short else args.rounds,
+                             dead_fraction=args.dead_fraction, short=args.short, synthetic=args.synthetic,
+                             random_weights=args.random_weights, overrides=overrides)
+    report = run_benchmark(settings)
+    print(format_report(report))
+    write_report(report, Path(args.json))
+    print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The `TranscoderConfig` fields set on a bench command line (its `--device` is the bench's own)."""
+    return {f.name: getattr(args, f.name) for f in fields(TranscoderConfig)
+            if f.name != "device" and hasattr(args, f.name)}
+
+
+def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
+    from .checkpoint import atomic_write_bytes
+    from .presets import PRESETS
+    from .quality import ActivationCache, collect_cache, format_quality, run_quality
+
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides = config_overrides(args)
+    settings = {**PRESETS[preset], "wandb_mode": "disabled", "drive_dir": "none", "samples_every": 0,
+                "output_dir": "runs/quality", **overrides}
+    cfg = TranscoderConfig.from_dict(settings)
+    cache_path = Path(args.cache or Path(cfg.output_dir) / f"{preset}-cache.safetensors")
+    if cache_path.is_file():
+        cache = ActivationCache.load(cache_path)
+    else:
+        from .language_model import fit_config_to_model, load_language_model
+
+        bridge = load_language_model(cfg.model_name, device=device, dtype=cfg.model_dtype)
+        cfg = fit_config_to_model(cfg, bridge)
+        cache = collect_cache(bridge, cfg, args.eval_tokens)
+        cache.save(cache_path)
+        print(f"wrote the activation cache {cache_path}", file=sys.stderr)
+    cfg = cfg.replace(d_in=cache.train_source.shape[1], d_out=cache.train_target.shape[1])
+    reports = run_quality(cfg, cache, device=device)
+    print(format_quality(reports))
+    atomic_write_bytes(Path(args.json), (json.dumps(reports, indent=2) + "\n").encode())
+    print(f"\nwrote {args.json}; the same cache trains EleutherAI's sparsify with "
+          f"benchmarks/quality_sparsify.py --cache {cache_path}", file=sys.stderr)
+    return 0

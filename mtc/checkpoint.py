@@ -72,6 +72,22 @@ def load(path: str | Path, device: torch.device | str | None = None) -> Matryosh
     return model
 
 
+def model_folder(path: str | Path) -> tuple[Path, Path]:
+    """(folder holding model.safetensors + config.json, run dir to write reports into) for `--run`."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else (
+            path.parent if path.name == "final" else path)
+        return path, run_dir
+    if (path / "final" / WEIGHTS_FILE).is_file():
+        return path / "final", path
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1], path
+    raise FileNotFoundError(f"{path} holds no trained transcoder (no final/, no checkpoints/step_<N>, no "
+                            f"model.safetensors); pass a run dir written by `python -m mtc train`")
+
+
 def check_state_matches(model: MatryoshkaTranscoder, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Raise a `ValueError` naming every tensor whose presence, shape or dtype differs from `model`."""
     expected = model.state_dict()

@@ -13,7 +13,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import TranscoderConfig
+from .config import TranscoderConfig, resolve_device
 from .errors import UsageError, debug_requested, describe, exit_code, reported
 
 LIST_FIELDS = {"prefix_sizes": int, "prefix_weights": float}
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a config.json to start from; repeat to train several transcoders from one pass")
     train.add_argument("--resume", default="auto",
                        help="'auto' (newest complete checkpoint, local or mirror), 'never', or a step_<N> folder")
+    train.add_argument("--layers", metavar="all|A-B|A,B,C",
+                       help="train a set: one transcoder per layer (each layer's default hook pair) from shared passes")
+    train.add_argument("--memory", metavar="GB|t4|a100-40gb|...",
+                       help="--layers: plan passes for this much memory instead of the device's own")
+    train.add_argument("--dry-run", action="store_true", help="--layers: print the memory plan and stop")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--debug", action="store_true", help="show the traceback of an error (also: MTC_DEBUG=1)")
     add_config_arguments(train)
@@ -73,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="run dirs / model folders, or Gemma Scope params.npz files")
     compare.add_argument("--out", default=".", help="folder for compare.json and compare.png")
     add_eval_arguments(compare)
+
+    from .export import FORMATS, __doc__ as export_doc
+
+    export = commands.add_parser("export", help="write a trained run or set for circuit-tracer, Gemma Scope or SAELens",
+                                 description=export_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("format", choices=FORMATS)
+    export.add_argument("--run", required=True, help="a set folder (train --layers), a run dir or a model folder")
+    export.add_argument("--prefix", type=int, metavar="G", help="only Matryoshka prefix G: the first prefix_sizes[G-1] latents")
+    export.add_argument("--out", required=True, help="the folder to write (replaced if it holds an earlier export)")
 
     bench = commands.add_parser("bench", help="measure throughput: model forward, training pipeline, transcoder step",
                                 description=bench_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,27 +126,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
-def model_folder(path: str) -> tuple[Path, Path]:
-    """(folder holding model.safetensors + config.json, run dir to write reports into) for `--run`."""
-    from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, list_checkpoints
-
-    path = Path(path)
-    if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else (
-            path.parent if path.name == "final" else path)
-        return path, run_dir
-    if (path / "final" / WEIGHTS_FILE).is_file():
-        return path / "final", path
-    checkpoints = list_checkpoints(path)
-    if checkpoints:
-        return checkpoints[-1], path
-    raise FileNotFoundError(f"{path} holds no trained transcoder (no final/, no checkpoints/step_<N>, no "
-                            f"model.safetensors); pass a run dir written by `python -m mtc train`")
-
-
 def load_for_eval(spec: str, device: str):
     """(name, model, report folder) for a run dir / model folder / Gemma Scope params.npz."""
-    from .checkpoint import load
+    from .checkpoint import load, model_folder
 
     if spec.endswith(".npz") or "gemma-scope" in spec:
         from .interop import load_gemma_scope
@@ -248,15 +244,11 @@ def _breaks_config(name: str, value) -> bool:
     return False
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def train_command(args: argparse.Namespace) -> int:
+    if args.layers is not None:
+        return train_set_command(args)
+    if args.dry_run or args.memory:
+        raise UsageError("--dry-run and --memory plan a set; add --layers (all, A-B or A,B,C)")
     from .colab import resolve_mirror_dir
     from .lock import hold
     from .preflight import check_before_model
@@ -269,11 +261,65 @@ def train_command(args: argparse.Namespace) -> int:
         return train_locked(args, configs, sources)
 
 
+def train_set_command(args: argparse.Namespace) -> int:
+    """`train --layers`: plan the set's passes before loading anything, print the plan, then train."""
+    from .colab import resolve_mirror_dir
+    from .language_model import load_language_model
+    from .lock import hold
+    from .memory import device_capacity, memory_plan, model_shape
+    from .preflight import check_before_model
+    from .presets import defaults_for_layer
+    from .sets import TranscoderSet, is_set, parse_layers, train_set
+
+    explicit = {**(read_config_file(args.config[0]) if args.config else {}),
+                **{f.name: getattr(args, f.name) for f in fields(TranscoderConfig) if hasattr(args, f.name)}}
+    for name, problem in (("layer", args.layer is not None), ("config", len(args.config) > 1),
+                          ("source_hook", "source_hook" in explicit), ("target_hook", "target_hook" in explicit)):
+        if problem:
+            raise UsageError(f"--{name.replace('_', '-')} cannot be combined with --layers: a set trains each layer's "
+                             f"default hook pair (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out) from one config")
+    if args.resume not in ("auto", "never"):
+        raise UsageError(f"--resume {args.resume}: a set resumes with 'auto' (or starts afresh with 'never')")
+    settings = config_settings(args)[0]
+    shape = model_shape(settings.get("model_name", TranscoderConfig.model_name))
+    if not args.preset and "d_sae" not in explicit:  # sizes from the model's width, as --layer does
+        derived = defaults_for_layer(0, shape.d_model, settings.get("model_name", TranscoderConfig.model_name))
+        settings.update({k: v for k, v in derived.items() if k not in ("source_hook", "target_hook", "run_name")
+                         and k not in explicit})
+    if "run_name" not in explicit:
+        settings["run_name"] = f"{settings.get('run_name', TranscoderConfig.run_name)}-set"
+    base = make_configs([settings], [f"--config {args.config[0]}" if args.config else ""])[0]
+    tset = TranscoderSet(base.replace(d_in=shape.d_model, d_out=shape.d_model), parse_layers(args.layers, shape.n_layers))
+    if is_set(tset.set_dir):
+        tset.check_matches(TranscoderSet.load(tset.set_dir))
+    mirror_root = resolve_mirror_dir(base.drive_dir, base.run_name)
+    finished, interrupted, fresh = tset.progress(mirror_root)
+    device = resolve_device(base.device)
+    plan = memory_plan(tset.config, shape, fresh or tset.layers, *device_capacity(device, args.memory))
+    print(plan.format())
+    if finished:
+        print(f"finished already: layers {','.join(map(str, finished))}")
+    if interrupted:
+        print(f"resuming the interrupted pass first: layers {','.join(map(str, interrupted))}")
+    passes = ([interrupted] if interrupted else []) + (plan.passes if fresh else [])
+    if args.dry_run or not passes:
+        print(f"set_dir: {tset.set_dir}" + ("" if passes else " (every layer is finished)"))
+        return 0
+    check_before_model([tset.layer_config(layer) for layer in tset.layers], args.resume,
+                       [tset.mirror_dir(layer, mirror_root) for layer in tset.layers])
+    with hold([tset.set_dir]):
+        bridge = load_language_model(base.model_name, device=device, dtype=base.model_dtype)
+        runs = []
+        return run_and_report(lambda: runs.extend(train_set(tset, passes, bridge, device, mirror_root, args.resume,
+                                                            progress=not args.no_progress)),
+                              lambda: runs, set_dir=tset.set_dir, set_mirror=mirror_root)
+
+
 def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sources: list[str]) -> int:
     from .activations import build_store
     from .colab import resolve_mirror_dir
     from .language_model import fit_config_to_model, load_language_model
-    from .train import DIVERGING_FVU, NonFiniteError, StopRequested, Trainer, diverged
+    from .train import Trainer
 
     device = resolve_device(configs[0].device)
     bridge = load_language_model(configs[0].model_name, device=device, dtype=configs[0].model_dtype)
@@ -287,22 +333,36 @@ def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sour
     mirrors = [resolve_mirror_dir(cfg.drive_dir, cfg.run_name) for cfg in configs]
     trainer = Trainer(configs, store, device=device, mirror_dirs=mirrors, resume=args.resume,
                       progress=not args.no_progress)
+    return run_and_report(trainer.train, lambda: trainer.runs)
+
+
+def run_and_report(train, runs, set_dir: Path | None = None, set_mirror: Path | None = None) -> int:
+    """Call `train()`, then print each run's final figures and where it is; the exit status says whether
+    training finished (0), stopped on a signal (128 + signal) or failed (1: non-finite or diverged)."""
+    from .train import DIVERGING_FVU, NonFiniteError, StopRequested, diverged
+
     try:
-        results = trainer.train()
+        train()
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except StopRequested as stop:
         print(str(stop), file=sys.stderr)
         return 128 + stop.signum
-    for cfg, metrics, mirror in zip(configs, results, mirrors):
+    for run in runs():
+        cfg, metrics = run.cfg, run.last_metrics
         prefixes = " ".join(f"{metrics[f'fvu/prefix_{g}']:.3f}" for g in range(1, cfg.n_prefixes + 1))
         print(f"{cfg.run_name}: final fvu={metrics['fvu']:.4f} (per prefix {prefixes}) l0={metrics['l0']:.1f} "
               f"dead={metrics['dead_pct']:.1f}% tokens/s={metrics['tokens_per_s']:,.0f}")
-        print(f"run_dir: {cfg.run_dir}")
-        if mirror is not None:
-            print(f"mirror_dir: {mirror}")
-    failed = [run.cfg.run_name for run in trainer.runs if diverged(run)]
+        if set_dir is None:
+            print(f"run_dir: {cfg.run_dir}")
+            if run.mirror.root is not None:
+                print(f"mirror_dir: {run.mirror.root}")
+    if set_dir is not None:
+        print(f"run_dir: {set_dir}")
+        if set_mirror is not None:
+            print(f"mirror_dir: {set_mirror}")
+    failed = [run.cfg.run_name for run in runs() if diverged(run)]
     if failed:
         print(f"error: {', '.join(failed)} diverged (FVU above {DIVERGING_FVU:g}, worse than predicting the mean, "
               "and not improving at the end); the weights and checkpoints are kept, but retrain with a lower lr "
@@ -314,6 +374,7 @@ def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sour
 def samples_command(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from .checkpoint import model_folder
     from .language_model import resolve_model_path
     from .samples import load_samples
 
@@ -353,72 +414,6 @@ def collect_command(folder: Path, run_dir: Path, n_batches: int, device: str) ->
     print(f"wrote {path}", file=sys.stderr)
 
 
-def bench_command(args: argparse.Namespace) -> int:
-    from .bench import BenchSettings, format_report, run_benchmark, write_report
-    from .presets import PRESETS
-
-    device = resolve_device(args.device)
-    preset = args.preset or ("gemma2-2b-l17" if device == "cuda" and not args.quality else "demo")
-    if args.quality:
-        return quality_command(args, preset, device)
-    parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
-    unknown = set(parts) - {"forward", "pipeline", "step"}
-    if unknown or not parts:
-        raise ValueError(f"--parts: unknown part(s) {sorted(unknown)}; choose from forward, pipeline, step")
-    if preset not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    overrides = config_overrides(args)
-    if args.random_weights:
-        overrides.setdefault("dataset", "pydoc")  # the text does not matter for throughput
-    settings = BenchSettings(preset=preset, device=device, parts=("step",) if args.synthetic else parts,
-                             fills=1 if args.short else args.fills, steps=3 if args.short else args.steps,
-                             rounds=1 if args.short else args.rounds,
-                             dead_fraction=args.dead_fraction, short=args.short, synthetic=args.synthetic,
-                             random_weights=args.random_weights, overrides=overrides)
-    report = run_benchmark(settings)
-    print(format_report(report))
-    write_report(report, Path(args.json))
-    print(f"\nwrote {args.json}", file=sys.stderr)
-    return 0
-
-
-def config_overrides(args: argparse.Namespace) -> dict:
-    """The `TranscoderConfig` fields set on a bench command line (its `--device` is the bench's own)."""
-    return {f.name: getattr(args, f.name) for f in fields(TranscoderConfig)
-            if f.name != "device" and hasattr(args, f.name)}
-
-
-def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
-    from .checkpoint import atomic_write_bytes
-    from .presets import PRESETS
-    from .quality import ActivationCache, collect_cache, format_quality, run_quality
-
-    if preset not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    overrides = config_overrides(args)
-    settings = {**PRESETS[preset], "wandb_mode": "disabled", "drive_dir": "none", "samples_every": 0,
-                "output_dir": "runs/quality", **overrides}
-    cfg = TranscoderConfig.from_dict(settings)
-    cache_path = Path(args.cache or Path(cfg.output_dir) / f"{preset}-cache.safetensors")
-    if cache_path.is_file():
-        cache = ActivationCache.load(cache_path)
-    else:
-        from .language_model import fit_config_to_model, load_language_model
-
-        bridge = load_language_model(cfg.model_name, device=device, dtype=cfg.model_dtype)
-        cfg = fit_config_to_model(cfg, bridge)
-        cache = collect_cache(bridge, cfg, args.eval_tokens)
-        cache.save(cache_path)
-        print(f"wrote the activation cache {cache_path}", file=sys.stderr)
-    cfg = cfg.replace(d_in=cache.train_source.shape[1], d_out=cache.train_target.shape[1])
-    reports = run_quality(cfg, cache, device=device)
-    print(format_quality(reports))
-    atomic_write_bytes(Path(args.json), (json.dumps(reports, indent=2) + "\n").encode())
-    print(f"\nwrote {args.json}; the same cache trains EleutherAI's sparsify with "
-          f"benchmarks/quality_sparsify.py --cache {cache_path}", file=sys.stderr)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = debug_requested() or getattr(args, "debug", False)
@@ -435,7 +430,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "samples":
             return samples_command(args)
         if args.command == "bench":
+            from .bench import bench_command
+
             return bench_command(args)
+        if args.command == "export":
+            from .export import export
+
+            print(f"wrote {export(args.format, args.run, args.out, args.prefix)}")
+            return 0
         if args.command == "compare":
             write_reports(eval_command(args, args.runs), Path(args.out), "compare")
             return 0

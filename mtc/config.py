@@ -28,6 +28,15 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def resolve_device(device: str) -> str:
+    """The device a config's `device` means: \"auto\" is cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def _dtype_name(value: Any) -> Any:
     """Accept `torch.float32` as well as "float32" (and "torch.float32") and store the name."""
     text = str(value)

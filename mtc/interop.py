@@ -230,7 +230,7 @@ def _relative_hook(hook: str, layer: int, name: str) -> str:
     return hook.removeprefix(prefix)
 
 
-def export_circuit_tracer(model: MatryoshkaTranscoder, folder: str | Path, layer: int) -> Path:
+def export_circuit_tracer(model: MatryoshkaTranscoder, folder: str | Path, layer: int, scan: str | None = None) -> Path:
     """Write `layer_<layer>.safetensors` and `config.yaml` (model_kind `transcoder_set`) for
     circuit-tracer. Export every layer of a set into the same folder: circuit-tracer loads a set only
     when layers 0..N-1 are all present, and all must share the same hooks. Our config travels in the
@@ -259,7 +259,10 @@ def export_circuit_tracer(model: MatryoshkaTranscoder, folder: str | Path, layer
         tensors["W_skip"] = _cpu(model.W_skip.T)  # circuit-tracer computes x @ W_skip.T
     atomic_save_tensors(tensors, folder / f"layer_{layer}.safetensors",
                       {"format": "pt", "mtc_config": cfg.to_json()})
-    config = {**existing, **settings, "scan": existing.get("scan", f"mtc/{cfg.run_name}")}
+    layers = sorted(int(m.group(1)) for p in folder.glob("layer_*.safetensors")
+                    if (m := re.fullmatch(r"layer_(\d+)\.safetensors", p.name)))
+    config = {**existing, **settings, "scan": scan or existing.get("scan", f"mtc/{cfg.run_name}"),
+              "transcoders": [f"layer_{i}.safetensors" for i in layers]}
     atomic_write_bytes(config_path, yaml.safe_dump(config, sort_keys=False).encode())
     return folder
 

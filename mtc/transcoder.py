@@ -205,6 +205,21 @@ class MatryoshkaTranscoder(nn.Module):
             y_hat = y_hat + x @ self.W_skip
         return y_hat
 
+    def prefix_model(self, prefix: int) -> MatryoshkaTranscoder:
+        """A standalone transcoder of the first `prefix` groups: its `forward(x)` is this model's
+        `forward(x, prefix)`. Exports of a prefix are written from it."""
+        m = self._prefix_size(prefix)
+        weights = self.cfg.prefix_weights[:prefix] if self.cfg.prefix_weights else None
+        cfg = self.cfg.replace(d_sae=m, prefix_sizes=self.cfg.prefix_sizes[:prefix], k=min(self.cfg.k, m),
+                               prefix_weights=weights if weights and sum(weights) > 0 else None)
+        model = type(self)(cfg, device=self.W_enc.device)
+        state = {"W_enc": self.W_enc[:, :m], "b_enc": self.b_enc[:m], "W_dec": self.W_dec[:m], "b_dec": self.b_dec,
+                 "threshold": self.threshold if self.threshold.ndim == 0 else self.threshold[:m]}
+        if self.W_skip is not None:
+            state["W_skip"] = self.W_skip
+        model.load_state_dict({name: t.detach().clone() for name, t in state.items()})
+        return model.train(self.training)
+
     # ------------------------------------------------------------------ training
     def training_forward(self, x: Float[Tensor, "... d_in"], y: Float[Tensor, "... d_out"],
                          update_stats: bool = True) -> TrainingOutput:
