@@ -49,6 +49,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         allow_abbrev=False,  # an abbreviation must not swallow a pass-through argument
     )
     parser.add_argument("--layer", type=int, help="Gemma-2-2B layer to train on (8, 12 or 17 map to presets)")
+    parser.add_argument("--layers", metavar="all|A-B|A,B,C",
+                        help="train a set, one transcoder per layer (for circuit-tracer); the memory plan decides "
+                             "how many layers share a pass")
     parser.add_argument("--preset", help="named preset: demo, gemma2-2b-l8, gemma2-2b-l12, gemma2-2b-l17")
     parser.add_argument("--model", help="language model (default: the preset's)")
     parser.add_argument("--allow-cpu", action="store_true",
@@ -176,6 +179,8 @@ def build_train_command(args: argparse.Namespace, extra: list[str], gpu: GpuSett
             command += ["--preset", args.preset]
         if args.layer is not None:
             command += ["--layer", str(args.layer)]
+    if args.layers is not None:
+        command += ["--layers", args.layers]
     if args.model is not None:
         command += ["--model-name", args.model]
     command += ["--resume", args.resume]
@@ -248,10 +253,20 @@ def summary(run_dir: Path | None, mirror: Path | None) -> str:
     """Where the results are and what to do next."""
     if run_dir is None:
         return "training finished; the run folder is named in the output above."
+    is_set = (run_dir / "set.json").is_file()
     run = shlex.quote(str(run_dir))
-    lines = ["", "training finished.", f"  run folder:   {run_dir}"]
+    lines = ["", "training finished.", f"  {'set' if is_set else 'run'} folder:   {run_dir}"]
     if mirror is not None:
         lines.append(f"  Drive mirror: {mirror}")
+    if is_set:
+        out = shlex.quote(str(run_dir.parent / f"{run_dir.name}-circuit-tracer"))
+        return "\n".join(lines + [
+            "next steps:",
+            f"  for circuit-tracer: python -m mtc export circuit-tracer --run {run} --out {out} [--prefix 1]",
+            f"  evaluate a layer:   python -m mtc eval --run {shlex.quote(str(run_dir / 'layer_0'))}",
+            "  download the set as a zip (in a Colab cell):",
+            f"    import shutil; from google.colab import files; "
+            f"files.download(shutil.make_archive({str(run_dir)!r}, 'zip', {str(run_dir)!r}))"])
     lines += [
         "next steps:",
         f"  evaluate:        python -m mtc eval --run {run}",
@@ -277,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     command = build_train_command(args, extra, gpu)
     print(f"training command (in {repo}):\n  {shlex.join(command)}", flush=True)
     if args.dry_run:
+        if args.layers is not None:  # the set's memory plan, from the shapes alone (nothing is loaded)
+            status, _ = run_training([*command, "--dry-run"], repo)
+            if status != 0:
+                return status
         print("dry run: not training.")
         return 0
 

@@ -72,6 +72,25 @@ def test_forward_stops_after_the_deepest_hook(gemma2_bridge):
     assert 2 not in calls and "lm_head" not in calls
 
 
+def test_forward_for_the_last_layer_stops_before_the_logits(gemma2_bridge):
+    """stop_at_layer stops before a block; for hooks in the last block the store must stop the pass itself
+    (the unembedding of a 256k vocabulary costs more than the blocks of a small model)."""
+    last = ("blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out")
+    called = []
+    handle = gemma2_bridge.unembed.original_component.register_forward_pre_hook(lambda *_: called.append(1))
+    try:
+        store = build_store(gemma2_bridge, [config(source_hook=last[0], target_hook=last[1])])
+        batch = store.next_batch()
+    finally:
+        handle.remove()
+    assert not called
+    contexts = contexts_by_id(gemma2_bridge, config(), int(batch.context_ids.max()) + 1)
+    with torch.no_grad():
+        _, cache = gemma2_bridge.run_with_cache(contexts)
+    assert torch.equal(batch.targets[0], cache[last[1]][batch.context_ids, batch.positions])
+    assert gemma2_bridge(contexts[:1]).shape[-1] == gemma2_bridge.cfg.d_vocab  # later passes still reach the logits
+
+
 def test_saved_state_gives_identical_next_batches(gemma2_bridge):
     store = build_store(gemma2_bridge, [config()])
     for _ in range(5):

@@ -91,6 +91,8 @@ def test_train_notebook_writes_a_final_checkpoint(trained):
     text = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []) if o.get("name") == "stdout")
     assert "prefixes [8, 24, 56, 128]" in text
     assert "not in Colab" in text  # the Colab-only steps skipped themselves
+    assert "memory plan on CPU RAM" in text and "layers by pass: 0-2" in text  # the set's plan, nothing trained
+    assert not (run_dir.parent / "tiny-l1-set").exists()
 
 
 @pytest.mark.slow
