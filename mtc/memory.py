@@ -175,6 +175,7 @@ class MemoryPlan:
     per_layer: dict[str, int]
     layers: list[int]
     passes: list[list[int]]
+    hint: str = "lower --buffer-tokens"  # how to need less per layer
 
     @property
     def usable(self) -> int:
@@ -198,7 +199,7 @@ class MemoryPlan:
         if len(self.passes) > 1:
             buffer = sum(size for name, size in self.per_layer.items() if name.startswith("activation buffer"))
             rows.append(f"  fewer passes need less per layer: the activation buffers are {_size(buffer)} of its "
-                        f"{_size(per_layer)} (lower --buffer-tokens, or --activation-dtype bfloat16/float16)")
+                        f"{_size(per_layer)} ({self.hint})")
         return "\n".join(rows)
 
 
@@ -235,4 +236,5 @@ def memory_plan(cfg: TranscoderConfig, shape: ModelShape, layers: list[int], dev
         end = start + size + (i < extra)
         passes.append(layers[start:end])
         start = end
-    return MemoryPlan(device, capacity, per_pass, per_layer, list(layers), passes)
+    hint = "lower --buffer-tokens" + (", or --activation-dtype bfloat16" if cfg.activation_dtype == "float32" else "")
+    return MemoryPlan(device, capacity, per_pass, per_layer, list(layers), passes, hint)
