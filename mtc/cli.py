@@ -171,79 +171,6 @@ def write_reports(reports: dict[str, dict], folder: Path, stem: str) -> None:
     print(f"wrote {folder / (stem + '.json')} and {folder / (stem + '.png')}")
 
 
-def config_settings(args: argparse.Namespace, d_model: int | None = None) -> list[dict]:
-    """The settings of every transcoder to train. Without `d_model` (before the model is loaded) a
-    `--layer` that has no preset keeps the config defaults for sizes; with it, sizes follow the width."""
-    from .language_model import default_hooks
-    from .presets import PRESETS, defaults_for_layer, matryoshka_prefixes, preset_for
-
-    flags = {f.name: getattr(args, f.name) for f in fields(TranscoderConfig) if hasattr(args, f.name)}
-    name = preset_for(args.preset, args.layer, flags.get("model_name"))
-    base = dict(PRESETS[name]) if name else {}
-    layer_hooks = {}
-    if args.layer is not None and args.layer < 0:
-        raise UsageError(f"--layer {args.layer}: layers are numbered from 0; pass a layer of the model")
-    if args.layer is not None:
-        if not name and d_model is not None:
-            model_name = flags.get("model_name", TranscoderConfig.model_name)
-            base.update(defaults_for_layer(args.layer, d_model, model_name))
-        layer_hooks = dict(zip(("source_hook", "target_hook"), default_hooks(args.layer)))
-    files = [read_config_file(path) for path in args.config] or [{}]
-    settings = []
-    for data in files:
-        chosen = {**data, **flags}  # what the user set explicitly
-        merged = {**base, **data, **layer_hooks, **flags}
-        if "d_sae" in chosen and "prefix_sizes" not in chosen and "prefix_sizes" in base:
-            merged["prefix_sizes"] = matryoshka_prefixes(merged["d_sae"])
-        settings.append(merged)
-    return settings
-
-
-def read_config_file(path: str) -> dict:
-    """The settings in a `--config` file, or a `UsageError` naming the file and what is wrong with it."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--config {path}: file not found; check the path (a run's settings are in "
-                         f"<run_dir>/config.json)") from None
-    except IsADirectoryError:
-        raise UsageError(f"--config {path}: is a folder; pass its config.json") from None
-    except OSError as err:
-        raise UsageError(f"--config {path}: cannot be read ({err.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"--config {path}: not valid JSON ({err}); fix the file or pass another") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: must hold one JSON object of TranscoderConfig fields "
-                         f'({{"d_sae": 4096, ...}}), got a JSON {type(data).__name__}')
-    return data
-
-
-def make_configs(settings: list[dict], sources: list[str]) -> list[TranscoderConfig]:
-    """Validated configs; a bad value names its `--config` file and, where the config's own message does
-    not, the field."""
-    configs = []
-    for data, source in zip(settings, sources):
-        try:
-            configs.append(TranscoderConfig.from_dict(data))
-        except (TypeError, ValueError) as err:
-            message = str(err)
-            if not message.startswith("TranscoderConfig"):
-                bad = [name for name, value in data.items() if _breaks_config(name, value)]
-                field = f"TranscoderConfig.{bad[0]}: {data[bad[0]]!r} is not a valid value" if bad else "settings"
-                message = f"{field} ({message}); see `python -m mtc train --help` for each field's type"
-            raise UsageError(f"{source}: {message}" if source else message) from None
-    return configs
-
-
-def _breaks_config(name: str, value) -> bool:
-    """Whether `value` alone (other fields at their defaults) fails with an error that names no field."""
-    try:
-        TranscoderConfig.from_dict({name: value})
-    except (TypeError, ValueError) as err:
-        return not str(err).startswith("TranscoderConfig")
-    return False
-
-
 def train_command(args: argparse.Namespace) -> int:
     if args.layers is not None:
         return train_set_command(args)
@@ -252,6 +179,7 @@ def train_command(args: argparse.Namespace) -> int:
     from .colab import resolve_mirror_dir
     from .lock import hold
     from .preflight import check_before_model
+    from .settings import config_settings, make_configs
 
     sources = [f"--config {path}" for path in args.config] or [""]
     configs = make_configs(config_settings(args), sources)  # validate before loading a model
@@ -266,30 +194,15 @@ def train_set_command(args: argparse.Namespace) -> int:
     from .colab import resolve_mirror_dir
     from .language_model import load_language_model
     from .lock import hold
-    from .memory import device_capacity, memory_plan, model_shape
+    from .memory import device_capacity, memory_plan
     from .preflight import check_before_model
-    from .presets import defaults_for_layer
     from .sets import TranscoderSet, is_set, parse_layers, train_set
+    from .settings import set_config
 
-    explicit = {**(read_config_file(args.config[0]) if args.config else {}),
-                **{f.name: getattr(args, f.name) for f in fields(TranscoderConfig) if hasattr(args, f.name)}}
-    for name, problem in (("layer", args.layer is not None), ("config", len(args.config) > 1),
-                          ("source_hook", "source_hook" in explicit), ("target_hook", "target_hook" in explicit)):
-        if problem:
-            raise UsageError(f"--{name.replace('_', '-')} cannot be combined with --layers: a set trains each layer's "
-                             f"default hook pair (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out) from one config")
     if args.resume not in ("auto", "never"):
         raise UsageError(f"--resume {args.resume}: a set resumes with 'auto' (or starts afresh with 'never')")
-    settings = config_settings(args)[0]
-    shape = model_shape(settings.get("model_name", TranscoderConfig.model_name))
-    if not args.preset and "d_sae" not in explicit:  # sizes from the model's width, as --layer does
-        derived = defaults_for_layer(0, shape.d_model, settings.get("model_name", TranscoderConfig.model_name))
-        settings.update({k: v for k, v in derived.items() if k not in ("source_hook", "target_hook", "run_name")
-                         and k not in explicit})
-    if "run_name" not in explicit:
-        settings["run_name"] = f"{settings.get('run_name', TranscoderConfig.run_name)}-set"
-    base = make_configs([settings], [f"--config {args.config[0]}" if args.config else ""])[0]
-    tset = TranscoderSet(base.replace(d_in=shape.d_model, d_out=shape.d_model), parse_layers(args.layers, shape.n_layers))
+    base, shape = set_config(args)
+    tset = TranscoderSet(base, parse_layers(args.layers, shape.n_layers))
     if is_set(tset.set_dir):
         tset.check_matches(TranscoderSet.load(tset.set_dir))
     mirror_root = resolve_mirror_dir(base.drive_dir, base.run_name)
@@ -319,6 +232,7 @@ def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sour
     from .activations import build_store
     from .colab import resolve_mirror_dir
     from .language_model import fit_config_to_model, load_language_model
+    from .settings import config_settings, make_configs
     from .train import Trainer
 
     device = resolve_device(configs[0].device)
