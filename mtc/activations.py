@@ -189,17 +189,7 @@ class ActivationStore:
         tokens = torch.stack(contexts)
         keep = ~torch.isin(tokens, self.exclude_token_ids)
         n = int(keep.sum())
-        # One preallocated tensor per hook: a fill never holds more than one buffer's worth of activations.
-        acts: dict[str, Tensor] = {}
-        row = 0
-        for start in range(0, len(tokens), self.model_batch_size):
-            chunk_keep = keep[start:start + self.model_batch_size]
-            n_kept = int(chunk_keep.sum())
-            for hook, out in self.run_model(tokens[start:start + self.model_batch_size]).items():
-                if hook not in acts:
-                    acts[hook] = torch.empty(n, out.shape[-1], dtype=self.dtype, device=self.buffer_device)
-                acts[hook][row:row + n_kept] = out[chunk_keep.to(out.device)].to(self.buffer_device, self.dtype)
-            row += n_kept
+        acts = self.activations(tokens, keep)
         for hook, values in acts.items():
             if not torch.isfinite(values).all():
                 raise RuntimeError(f"activations at {hook} do not fit activation_dtype={self.dtype} (non-finite "
@@ -213,6 +203,22 @@ class ActivationStore:
                     positions=torch.arange(tokens.shape[1]).expand_as(tokens)[keep].to(self.buffer_device),
                     order=torch.randperm(n, generator=generator).to(self.buffer_device),
                     n_contexts=len(contexts), n_batches=n // self.batch_size)
+
+    def activations(self, tokens: Tensor, keep: Tensor) -> dict[str, Tensor]:
+        """`{hook: [kept tokens, d]}` for contexts `tokens` (`[contexts, seq]`), in context order, from
+        forward passes of `model_batch_size` contexts."""
+        # One preallocated tensor per hook: a fill never holds more than one buffer's worth of activations.
+        acts: dict[str, Tensor] = {}
+        n, row = int(keep.sum()), 0
+        for start in range(0, len(tokens), self.model_batch_size):
+            chunk_keep = keep[start:start + self.model_batch_size]
+            n_kept = int(chunk_keep.sum())
+            for hook, out in self.run_model(tokens[start:start + self.model_batch_size]).items():
+                if hook not in acts:
+                    acts[hook] = torch.empty(n, out.shape[-1], dtype=self.dtype, device=self.buffer_device)
+                acts[hook][row:row + n_kept] = out[chunk_keep.to(out.device)].to(self.buffer_device, self.dtype)
+            row += n_kept
+        return acts
 
     @torch.no_grad()  # not inference_mode: served tensors must be usable in autograd
     def run_model(self, tokens: Tensor) -> dict[str, Tensor]:
@@ -257,9 +263,11 @@ def _stop_forward(activation: Tensor, hook) -> Tensor:
     raise _ForwardDone
 
 
-def build_store(bridge, configs: list[TranscoderConfig], buffer_device: str | torch.device = "cpu") -> ActivationStore:
+def build_store(bridge, configs: list[TranscoderConfig], buffer_device: str | torch.device = "cpu",
+                store_type: type[ActivationStore] = ActivationStore, **store_args) -> ActivationStore:
     """The store that feeds every transcoder in `configs` from one pass of `bridge` (they must agree
-    on model, data, batch and buffer settings); it stops computing activations at the run's last batch."""
+    on model, data, batch and buffer settings); it stops computing activations at the run's last batch.
+    `store_type` and `store_args` build a subclass (e.g. `mtc.layer_parallel.LayerParallelStore`)."""
     first = configs[0]
     shared = ("model_name", "dataset", "dataset_split", "text_column", "seq_len", "batch_size",
               "model_batch_size", "buffer_tokens", "activation_dtype", "seed", "total_tokens", "prefetch")
@@ -278,7 +286,7 @@ def build_store(bridge, configs: list[TranscoderConfig], buffer_device: str | to
 
     load_documents(first.dataset, first.dataset_split, first.text_column)  # bad paths fail here, not mid-run
 
-    return ActivationStore(bridge, make_contexts, [(c.source_hook, c.target_hook) for c in configs],
+    return store_type(bridge, make_contexts, [(c.source_hook, c.target_hook) for c in configs], **store_args,
                            batch_size=first.batch_size, buffer_tokens=first.buffer_tokens,
                            model_batch_size=first.model_batch_size, exclude_token_ids=excluded,
                            buffer_device=buffer_device, dtype=torch_dtype(first.activation_dtype), seed=first.seed,

@@ -194,6 +194,7 @@ def train_set_command(args: argparse.Namespace) -> int:
     from .colab import resolve_mirror_dir
     from .language_model import load_language_model
     from .lock import hold
+    from .layer_parallel import init_process_group, launched_by_torchrun, leave_process_group
     from .memory import device_capacity, memory_plan
     from .preflight import check_before_model
     from .sets import TranscoderSet, is_set, parse_layers, train_set
@@ -206,26 +207,34 @@ def train_set_command(args: argparse.Namespace) -> int:
     if is_set(tset.set_dir):
         tset.check_matches(TranscoderSet.load(tset.set_dir))
     mirror_root = resolve_mirror_dir(base.drive_dir, base.run_name)
-    finished, interrupted, fresh = tset.progress(mirror_root)
-    device = resolve_device(base.device)
-    plan = memory_plan(tset.config, shape, fresh or tset.layers, *device_capacity(device, args.memory))
-    print(plan.format())
-    if finished:
-        print(f"finished already: layers {','.join(map(str, finished))}")
-    if interrupted:
-        print(f"resuming the interrupted pass first: layers {','.join(map(str, interrupted))}")
+    device, rank, world = resolve_device(base.device), 0, 1
+    if launched_by_torchrun() and not args.dry_run:  # layer-parallel: each process trains a share of every pass
+        rank, world, device = init_process_group(device)
+    finished, interrupted, fresh = tset.progress(mirror_root, fetch=rank == 0)
+    plan = memory_plan(tset.config, shape, fresh or tset.layers, *device_capacity(device, args.memory), ranks=world)
     passes = ([interrupted] if interrupted else []) + (plan.passes if fresh else [])
+    if rank == 0:
+        print(plan.format())
+        if finished:
+            print(f"finished already: layers {','.join(map(str, finished))}")
+        if interrupted:
+            print(f"resuming the interrupted pass first: layers {','.join(map(str, interrupted))}")
+        if args.dry_run or not passes:
+            print(f"set_dir: {tset.set_dir}" + ("" if passes else " (every layer is finished)"))
     if args.dry_run or not passes:
-        print(f"set_dir: {tset.set_dir}" + ("" if passes else " (every layer is finished)"))
         return 0
     check_before_model([tset.layer_config(layer) for layer in tset.layers], args.resume,
                        [tset.mirror_dir(layer, mirror_root) for layer in tset.layers])
-    with hold([tset.set_dir]):
-        bridge = load_language_model(base.model_name, device=device, dtype=base.model_dtype)
-        runs = []
-        return run_and_report(lambda: runs.extend(train_set(tset, passes, bridge, device, mirror_root, args.resume,
-                                                            progress=not args.no_progress)),
-                              lambda: runs, set_dir=tset.set_dir, set_mirror=mirror_root)
+    try:
+        with hold([tset.set_dir] if rank == 0 else []):
+            bridge = load_language_model(base.model_name, device=device, dtype=base.model_dtype)
+            runs = []
+            return run_and_report(lambda: runs.extend(train_set(tset, passes, bridge, device, mirror_root, args.resume,
+                                                                progress=not args.no_progress, rank=rank, world=world)),
+                                  lambda: runs, set_dir=tset.set_dir if rank == 0 else None, set_mirror=mirror_root)
+    finally:
+        if world > 1:
+            leave_process_group()
 
 
 def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sources: list[str]) -> int:

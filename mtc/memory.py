@@ -176,6 +176,7 @@ class MemoryPlan:
     layers: list[int]
     passes: list[list[int]]
     hint: str = "lower --buffer-tokens"  # how to need less per layer
+    ranks: int = 1  # devices sharing each pass (layer-parallel)
 
     @property
     def usable(self) -> int:
@@ -183,7 +184,8 @@ class MemoryPlan:
 
     @property
     def layers_per_pass(self) -> int:
-        return max(len(p) for p in self.passes)
+        """On one device."""
+        return max(len(share) for p in self.passes for share in split(p, self.ranks))
 
     def format(self) -> str:
         rows = [f"memory plan on {self.device}; {len(self.layers)} layers, {HEADROOM:.0%} of the device usable "
@@ -192,7 +194,8 @@ class MemoryPlan:
         rows.append("  per layer:")
         rows += [f"    {name:<44} {_size(size):>11}" for name, size in self.per_layer.items()]
         per_layer, fixed = sum(self.per_layer.values()), sum(self.per_pass.values())
-        rows.append(f"  {len(self.passes)} pass(es) of up to {self.layers_per_pass} layers: "
+        rows.append(f"  {len(self.passes)} pass(es) of up to {self.layers_per_pass} layers"
+                    + (f" per device, {self.ranks} devices (layer-parallel)" if self.ranks > 1 else "") + ": "
                     f"{_size(fixed + self.layers_per_pass * per_layer)} at most "
                     f"({_size(fixed)} + {self.layers_per_pass} x {_size(per_layer)})")
         rows.append("    layers by pass: " + " | ".join(describe_layers(p) for p in self.passes))
@@ -214,27 +217,37 @@ def describe_layers(layers: list[int]) -> str:
     return ",".join(map(str, layers))
 
 
+def split(items: list, parts: int) -> list[list]:
+    """`items` cut into `parts` contiguous runs, the first ones one longer when they do not divide evenly."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
 def memory_plan(cfg: TranscoderConfig, shape: ModelShape, layers: list[int], device: str,
-                capacity: int) -> MemoryPlan:
-    """Split `layers` (in order) into the fewest passes whose memory fits `capacity` bytes, as evenly as
-    possible. Raises `ValueError` naming the settings to lower when not even one layer fits."""
+                capacity: int, ranks: int = 1) -> MemoryPlan:
+    """Split `layers` (in order) into the fewest passes whose memory fits `capacity` bytes per device, as evenly
+    as possible; with `ranks` devices (layer-parallel under torchrun) a pass holds `ranks` times the layers.
+    Raises `ValueError` naming the settings to change when not even one layer fits."""
     cfg = cfg.replace(d_in=shape.d_model, d_out=shape.d_model) if cfg.d_in != shape.d_model else cfg
     per_pass, per_layer = pass_costs(cfg, shape), layer_costs(cfg, shape)
     room = int(capacity * HEADROOM) - sum(per_pass.values())
     fit = room // sum(per_layer.values())
     if fit < 1:
         need = sum(per_pass.values()) + sum(per_layer.values())
+        buffers = sum(size for name, size in per_layer.items() if name.startswith("activation buffer"))
         raise ValueError(
             f"memory: one layer needs about {need / GiB:.2f} GiB with the language model, more than "
-            f"{HEADROOM:.0%} of {device}. Lower buffer_tokens (now {cfg.buffer_tokens:,}; the buffer is "
-            f"{(per_layer[next(k for k in per_layer if 'source' in k)] * 2) / GiB:.2f} GiB per layer), use "
-            f"activation_dtype bfloat16/float16 (now {cfg.activation_dtype}), or a smaller d_sae / batch_size")
-    n_passes = math.ceil(len(layers) / fit)
-    size, extra = divmod(len(layers), n_passes)
-    passes, start = [], 0
-    for i in range(n_passes):
-        end = start + size + (i < extra)
-        passes.append(layers[start:end])
-        start = end
+            f"{HEADROOM:.0%} of {device}. Lower buffer_tokens (now {cfg.buffer_tokens:,}; the buffers are "
+            f"{buffers / GiB:.2f} GiB per layer), use activation_dtype bfloat16/float16 (now {cfg.activation_dtype}), "
+            f"or a smaller d_sae / batch_size")
+    passes = split(list(layers), math.ceil(len(layers) / (fit * ranks)))
+    if ranks > 1 and min(len(p) for p in passes) < ranks:
+        raise ValueError(f"layer-parallel: {len(layers)} layers in {len(passes)} pass(es) leave some of the {ranks} "
+                         f"processes without a layer; use fewer processes (--nproc-per-node)")
     hint = "lower --buffer-tokens" + (", or --activation-dtype bfloat16" if cfg.activation_dtype == "float32" else "")
-    return MemoryPlan(device, capacity, per_pass, per_layer, list(layers), passes, hint)
+    return MemoryPlan(device, capacity, per_pass, per_layer, list(layers), passes, hint, ranks)

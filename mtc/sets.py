@@ -25,7 +25,7 @@ from pathlib import Path
 from .checkpoint import WEIGHTS_FILE, atomic_write_bytes, config_differences, list_checkpoints
 from .config import TranscoderConfig
 from .language_model import default_hooks
-from .memory import describe_layers
+from .memory import describe_layers, split
 
 SET_FILE = "set.json"
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -123,14 +123,15 @@ class TranscoderSet:
                              + ". Use the set's own settings (its set.json), or a new --run-name")
 
     # ------------------------------------------------------------------ progress
-    def finished(self, layer: int, mirror_root: Path | None = None) -> bool:
-        """Whether `layer` has its `final/` (a copy found only on the mirror is fetched back)."""
+    def finished(self, layer: int, mirror_root: Path | None = None, fetch: bool = True) -> bool:
+        """Whether `layer` has its `final/`, here or on the mirror (fetched back unless `fetch` is False)."""
         final = layer_dir(self.set_dir, layer) / "final"
         if (final / WEIGHTS_FILE).is_file():
             return True
         mirrored = self.mirror_dir(layer, mirror_root)
         if mirrored is not None and (mirrored / "final" / WEIGHTS_FILE).is_file():
-            shutil.copytree(mirrored / "final", final, dirs_exist_ok=True)
+            if fetch:
+                shutil.copytree(mirrored / "final", final, dirs_exist_ok=True)
             return True
         return False
 
@@ -139,34 +140,53 @@ class TranscoderSet:
         return bool(list_checkpoints(layer_dir(self.set_dir, layer))
                     or (mirrored is not None and mirrored.is_dir() and list_checkpoints(mirrored)))
 
-    def progress(self, mirror_root: Path | None = None) -> tuple[list[int], list[int], list[int]]:
+    def progress(self, mirror_root: Path | None = None, fetch: bool = True) -> tuple[list[int], list[int], list[int]]:
         """(finished, interrupted, not started) layers."""
-        finished = [layer for layer in self.layers if self.finished(layer, mirror_root)]
+        finished = [layer for layer in self.layers if self.finished(layer, mirror_root, fetch)]
         interrupted = [layer for layer in self.layers if layer not in finished and self.started(layer, mirror_root)]
         fresh = [layer for layer in self.layers if layer not in finished and layer not in interrupted]
         return finished, interrupted, fresh
 
 
 def train_set(tset: TranscoderSet, passes: list[list[int]], bridge, device: str, mirror_root: Path | None,
-              resume: str = "auto", progress: bool = True) -> list:
-    """Train `passes` (lists of layers of `tset`) one after another; returns every layer's `mtc.train.Run`.
-    The layers of a pass share one activation store, so one language-model forward feeds them all."""
+              resume: str = "auto", progress: bool = True, rank: int = 0, world: int = 1) -> list:
+    """Train `passes` (lists of layers of `tset`) one after another; returns the `mtc.train.Run` of every layer
+    this process trained. The layers of a pass share one activation store, so one language-model forward
+    feeds them all; under `torchrun` (`world` > 1) each rank trains its share of every pass (see
+    `mtc.layer_parallel`)."""
     from .activations import build_store
     from .language_model import fit_config_to_model
     from .train import Trainer
 
-    tset.save()
+    if rank == 0:
+        tset.save()
     runs = []
     for number, layers in enumerate(passes, 1):
         start = time.perf_counter()
-        print(f"pass {number}/{len(passes)}: layers {describe_layers(layers)}", file=sys.stderr)
         configs = [fit_config_to_model(tset.layer_config(layer), bridge) for layer in layers]
-        store = build_store(bridge, configs, buffer_device=device)
-        trainer = Trainer(configs, store, device=device, resume=resume, progress=progress,
-                          mirror_dirs=[tset.mirror_dir(layer, mirror_root) for layer in layers])
+        if world == 1:
+            mine, store = layers, build_store(bridge, configs, buffer_device=device)
+        else:
+            from .layer_parallel import LayerParallelStore, agree_on_checkpoints
+
+            shares = split(layers, world)
+            mine = shares[rank]
+            pairs = {layer: (cfg.source_hook, cfg.target_hook) for layer, cfg in zip(layers, configs)}
+            store = build_store(bridge, configs, buffer_device=device, store_type=LayerParallelStore,
+                                owned=[[pairs[layer] for layer in share] for share in shares])
+            agree_on_checkpoints([layer_dir(tset.set_dir, layer) for layer in mine],
+                                 [tset.mirror_dir(layer, mirror_root) for layer in mine])
+        if rank == 0:
+            print(f"pass {number}/{len(passes)}: layers {describe_layers(layers)}"
+                  + (f" ({world} ranks: {' | '.join(describe_layers(s) for s in split(layers, world))})"
+                     if world > 1 else ""), file=sys.stderr)
+        trainer = Trainer([cfg for layer, cfg in zip(layers, configs) if layer in mine], store, device=device,
+                          resume=resume, progress=progress and rank == 0,
+                          mirror_dirs=[tset.mirror_dir(layer, mirror_root) for layer in mine])
         trainer.train()
         runs.extend(trainer.runs)
-        print(f"pass {number}/{len(passes)} done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        if rank == 0:
+            print(f"pass {number}/{len(passes)} done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return runs
 
 
