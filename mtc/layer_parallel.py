@@ -41,8 +41,16 @@ def init_process_group(device: str) -> tuple[int, int, str]:
     rank (`LOCAL_RANK`), gloo on CPU. A peer that stops answering fails collectives after `MTC_DIST_TIMEOUT_S`
     seconds (default 600) instead of hanging."""
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600))))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
+        # torchrun's agent hosts the store and keeps it across restarts (--max-restarts): without a prefix per
+        # attempt, a restarted rank reads its peers' addresses from the failed attempt and cannot connect.
+        hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not hosted_by_agent, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout, rank=rank,
+                                world_size=world, store=dist.PrefixStore(f"mtc/attempt_{attempt}", store))
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
