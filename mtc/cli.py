@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prefix", type=int, metavar="G", help="only Matryoshka prefix G: the first prefix_sizes[G-1] latents")
     export.add_argument("--out", required=True, help="the folder to write (replaced if it holds an earlier export)")
 
+    from .attribution import add_attribute_parser
+
+    add_attribute_parser(commands)
+
     bench = commands.add_parser("bench", help="measure throughput: model forward, training pipeline, transcoder step",
                                 description=bench_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--preset", help="demo (default on CPU), gemma2-2b-l17 (default on GPU), or any train preset")
@@ -361,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {export(args.format, args.run, args.out, args.prefix)}")
             return 0
+        if args.command == "attribute":
+            from .attribution import attribute_command
+
+            return attribute_command(args)
         if args.command == "compare":
             write_reports(eval_command(args, args.runs), Path(args.out), "compare")
             return 0

@@ -8,6 +8,7 @@ exercised exactly as with a real model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 TINY_ARCHS = ("gemma2", "gemma3", "gpt2")
@@ -68,6 +69,13 @@ def tiny_model(folder: str | Path, arch: str = "gemma2", n_layers: int = 3, d_mo
                 param.add_(torch.randn_like(param) * 0.3)
     model.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    # transformers 5 names its generic fast tokenizer `TokenizersBackend`, which transformers 4 (circuit-tracer's
+    # venv) does not know; both read the same tokenizer.json as `PreTrainedTokenizerFast`.
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 

@@ -96,6 +96,10 @@ def test_memory_plan_counts_the_transcoder_and_splits_evenly():
     assert "4 pass(es) of up to 7 layers" in plan.format()
     with pytest.raises(ValueError, match="buffer_tokens"):
         memory_plan(cfg, shape, list(range(26)), "test", int(fixed + 0.5 * per_layer))
+    on_two = memory_plan(cfg, shape, list(range(26)), "test", capacity, ranks=2)  # layer-parallel: 7 per device
+    assert [len(p) for p in on_two.passes] == [13, 13] and on_two.layers_per_pass == 7
+    with pytest.raises(ValueError, match="fewer processes"):
+        memory_plan(cfg, shape, list(range(3)), "test", capacity, ranks=4)
 
 
 # ---------------------------------------------------------------------- training
