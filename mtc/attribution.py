@@ -70,6 +70,9 @@ def run_circuit_tracer(model_path: str, folder: Path, prompt: str, out: Path, ma
         "nodes": int(pruned.node_mask.numel()), "nodes_after_pruning": int(pruned.node_mask.sum()),
         "feature_nodes_after_pruning": int(pruned.node_mask[:n_features].sum()),
         "edges_after_pruning": int(pruned.edge_mask.sum()),
+        "feature_nodes_by_layer": torch.bincount(  # the pruned graph's features: active_features rows are (layer, pos, index)
+            graph.active_features[graph.selected_features[pruned.node_mask[:n_features].cpu()]][:, 0],
+            minlength=graph.cfg.n_layers).tolist(),
         "node_threshold": node_threshold, "edge_threshold": edge_threshold,
         "files": {"graph": GRAPH, "activations": ACTIVATIONS},
     }

@@ -2,7 +2,8 @@
 
 Each notebook is executed with nbclient (kernel `python3`); its parameters are injected by inserting a
 cell tagged `injected-parameters` right after the cell tagged `parameters`, as papermill does.
-Notebook 01 trains the run once (module fixture); 02 and 03 read it.
+Notebook 01 trains the run once (module fixture); 02 and 03 read it. Notebook 04 trains a set on a tiny Gemma-3
+and needs circuit-tracer's venv (see tests/test_circuit_tracer.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-TRAIN, MONITOR, INSPECT = (NOTEBOOKS / name for name in (
-    "01_train_matryoshka_transcoder.ipynb", "02_monitor_fvu.ipynb", "03_inspect_activation_samples.ipynb"))
+TRAIN, MONITOR, INSPECT, ATTRIBUTION = (NOTEBOOKS / name for name in (
+    "01_train_matryoshka_transcoder.ipynb", "02_monitor_fvu.ipynb", "03_inspect_activation_samples.ipynb",
+    "04_attribution_graph.ipynb"))
 CELL_TIMEOUT = 300
 
 
@@ -148,5 +150,32 @@ def test_committed_notebooks_have_no_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear the outputs"
 
 
-def test_all_three_notebooks_exist():
-    assert all(p.is_file() for p in (TRAIN, MONITOR, INSPECT))
+@pytest.mark.slow
+def test_attribution_notebook_compares_two_prefixes(tmp_path):
+    from mtc.attribution import circuit_tracer_python
+    from mtc.testing import tiny_model
+
+    try:
+        python = circuit_tracer_python()
+    except FileNotFoundError as err:
+        if os.environ.get("MTC_REQUIRE_CIRCUIT_TRACER") == "1":
+            pytest.fail(str(err))
+        pytest.skip(str(err))
+    tiny = tiny_model(tmp_path / "tiny-gemma3", "gemma3", n_layers=3)
+    train = ["--d-sae", "128", "--prefix-sizes", "32", "128", "--k", "8", "--k-aux", "32", "--batch-size", "64",
+             "--total-tokens", str(64 * 30), "--warmup-steps", "3", "--seq-len", "32", "--buffer-tokens", "1024",
+             "--model-batch-size", "8", "--dataset", "pydoc", "--drive-dir", "none", "--wandb-mode", "disabled",
+             "--samples-every", "0", "--no-progress"]
+    values = dict(MODEL=str(tiny), SET_DIR=str(tmp_path / "runs" / "set"), TRAIN_ARGS=train, PREFIXES=[None, 1],
+                  CT_PYTHON=python, INSTALL_VENV=False, MAX_FEATURE_NODES=200)
+    nb = execute(ATTRIBUTION, values, tmp_path / "executed" / ATTRIBUTION.name)
+    table = "".join(outputs(nb, "text/markdown"))
+    assert "| | full | prefix 1 |" in table and "| replacement score |" in table and "| completeness score |" in table
+    text = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []) if o.get("name") == "stdout")
+    assert text.count("same active features: True") == 2
+    assert len(outputs(nb, "image/png")) == 1
+    assert (tmp_path / "runs" / "set-circuit-tracer-p1-graph" / "graph.pt").is_file()
+
+
+def test_all_four_notebooks_exist():
+    assert all(p.is_file() for p in (TRAIN, MONITOR, INSPECT, ATTRIBUTION))
