@@ -147,9 +147,11 @@ def load_gemma_scope(source: str | Path, device: torch.device | str = "cpu",
     """A transcoder from a Gemma Scope `params.npz`: a local path, or
     `google/gemma-scope-2b-pt-transcoders/layer_<L>/width_16k/average_l0_<N>/params.npz` on the hub.
 
-    Hooks follow Gemma Scope: the MLP's literal input `blocks.L.mlp.hook_in` (the normalised input with
-    the norm gain applied; our `ln2.hook_normalized` comes before the gain) to `blocks.L.hook_mlp_out`.
-    `L` comes from a `layer_<L>` path component, else from `layer`.
+    Hooks are those the tools that use Gemma Scope transcoders feed them, `blocks.L.ln2.hook_normalized` ->
+    `blocks.L.hook_mlp_out` (mtc's default pair too): SAELens 6 (`get_gemma_2_transcoder_config_from_hf`),
+    and circuit-tracer, whose nnsight mapping reads `ln2.hook_normalized` at the pre-MLP RMSNorm's
+    normalisation, before its gain, as mtc's bridge hook does. So `mtc compare` evaluates a Gemma Scope
+    file on the input circuit-tracer gives it. `L` comes from a `layer_<L>` path component, else `layer`.
     """
     path = _gemma_scope_file(source)
     with np.load(path) as npz:
@@ -163,7 +165,7 @@ def load_gemma_scope(source: str | Path, device: torch.device | str = "cpu",
     d_in, d_sae = arrays["W_enc"].shape
     d_out = arrays["W_dec"].shape[1]
     fields: dict[str, Any] = dict(d_in=d_in, d_out=d_out, d_sae=d_sae, model_name=GEMMA_2_2B,
-                                  source_hook=f"blocks.{layer}.mlp.hook_in",
+                                  source_hook=f"blocks.{layer}.ln2.hook_normalized",
                                   target_hook=f"blocks.{layer}.hook_mlp_out")
     if l0 and 1 <= int(l0.group(1)) <= d_sae:
         fields["k"] = int(l0.group(1))

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 
 import mtc
 from mtc import MatryoshkaTranscoder, TranscoderConfig
+from mtc.language_model import default_hooks
 from mtc.interop import (JumpReLUTranscoder, export_circuit_tracer, export_gemma_scope, export_saelens,
                          load_export, load_gemma_scope, load_wandb_artifact)
 
@@ -166,7 +167,7 @@ def test_gemma_scope_export_round_trip(tmp_path):
         np.testing.assert_allclose(gemma_scope_reference(dict(npz), x), ours(model, x), rtol=1e-5, atol=1e-5)
     for loaded in (load_export(path), load_export(path.parent), load_gemma_scope(path)):
         assert isinstance(loaded, JumpReLUTranscoder)
-        assert loaded.cfg.source_hook == "blocks.3.mlp.hook_in"
+        assert loaded.cfg.source_hook == "blocks.3.ln2.hook_normalized"  # as SAELens and circuit-tracer feed it
         assert_same_outputs(loaded, model, x)
 
 
@@ -189,7 +190,7 @@ def test_load_gemma_scope_matches_numpy(tmp_path, scalar_threshold):
     assert isinstance(model, JumpReLUTranscoder) and model.threshold.shape == (32,)
     cfg = model.cfg
     assert (cfg.d_in, cfg.d_sae, cfg.d_out, cfg.prefix_sizes, cfg.k) == (10, 32, 6, [32], 9)
-    assert (cfg.source_hook, cfg.target_hook) == ("blocks.17.mlp.hook_in", "blocks.17.hook_mlp_out")
+    assert (cfg.source_hook, cfg.target_hook) == default_hooks(17)  # ln2.hook_normalized, as SAELens and circuit-tracer
     assert cfg.model_name == "google/gemma-2-2b"
     x = inputs(10)
     np.testing.assert_allclose(ours(model, x), gemma_scope_reference(arrays, x), rtol=1e-5, atol=1e-5)
