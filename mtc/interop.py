@@ -196,11 +196,24 @@ def export_saelens(model: MatryoshkaTranscoder, folder: str | Path) -> Path:
             "model_name": cfg.model_name, "hook_name": cfg.source_hook, "hook_name_out": cfg.target_hook,
             "hook_head_index": None, "prepend_bos": True, "context_size": cfg.seq_len,
             "dataset_path": cfg.dataset, "prefix_sizes": cfg.prefix_sizes, "mtc_config": cfg.to_dict(),
+            **saelens_training_metadata(cfg),
         },
     }
     atomic_save_tensors(tensors, folder / SAELENS_WEIGHTS, {"format": "pt"})
     atomic_write_bytes(folder / SAELENS_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return folder
+
+
+def saelens_training_metadata(cfg: TranscoderConfig) -> dict[str, Any]:
+    """How SAELens (6.5x) records the training of a saved SAE in its metadata: `training_architecture` (the
+    training config's architecture) and `training_architecture_details` (its fields the inference
+    architecture lacks). A Matryoshka transcoder trained as SAELens's `matryoshka_batchtopk` would, with its
+    cumulative widths as `matryoshka_widths`; a plain one as `batchtopk`."""
+    details: dict[str, Any] = {"k": cfg.k, "aux_loss_coefficient": cfg.aux_coeff}
+    if cfg.n_prefixes > 1:
+        details["matryoshka_widths"] = list(cfg.prefix_sizes)
+    return {"training_architecture": "matryoshka_batchtopk" if cfg.n_prefixes > 1 else "batchtopk",
+            "training_architecture_details": details}
 
 
 def _load_saelens(folder: Path, device: torch.device | str | None) -> JumpReLUTranscoder:

@@ -86,6 +86,24 @@ def test_saelens_export_reproduced_by_numpy(tmp_path, skip):
     assert_same_outputs(loaded.eval(), model, x)
 
 
+def test_saelens_export_records_the_matryoshka_training_as_saelens_does(tmp_path):
+    """SAELens's metadata names the training architecture and its widths (`training_architecture`,
+    `training_architecture_details.matryoshka_widths`), next to mtc's own `prefix_sizes`; a prefix export
+    carries its own, shorter widths."""
+    model = trained_model()
+    meta = json.loads((export_saelens(model, tmp_path / "full") / "cfg.json").read_text())["metadata"]
+    assert meta["training_architecture"] == "matryoshka_batchtopk"
+    assert meta["training_architecture_details"] == {"k": 4, "aux_loss_coefficient": model.cfg.aux_coeff,
+                                                     "matryoshka_widths": [8, 24, 64]}
+    assert meta["prefix_sizes"] == [8, 24, 64]
+    meta = json.loads((export_saelens(model.prefix_model(2), tmp_path / "p2") / "cfg.json").read_text())["metadata"]
+    assert meta["training_architecture_details"]["matryoshka_widths"] == [8, 24]
+    plain = trained_model(prefix_sizes=[64])
+    meta = json.loads((export_saelens(plain, tmp_path / "plain") / "cfg.json").read_text())["metadata"]
+    assert meta["training_architecture"] == "batchtopk" and "matryoshka_widths" not in meta["training_architecture_details"]
+    assert load_export(tmp_path / "p2").cfg.prefix_sizes == [8, 24]
+
+
 def test_saelens_config_without_our_metadata_still_loads(tmp_path):
     model = trained_model()
     folder = export_saelens(model, tmp_path / "sae")
