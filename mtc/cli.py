@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -189,7 +190,8 @@ def train_command(args: argparse.Namespace) -> int:
     configs = make_configs(config_settings(args), sources)  # validate before loading a model
     mirrors = [resolve_mirror_dir(cfg.drive_dir, cfg.run_name) for cfg in configs]
     check_before_model(configs, args.resume, mirrors)
-    with hold([cfg.run_dir for cfg in configs]):  # one process per run dir, refused before the model loads
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes, and holds the lock
+    with hold([cfg.run_dir for cfg in configs] if writer else []):  # one process per run dir, before the model loads
         return train_locked(args, configs, sources)
 
 
@@ -198,7 +200,7 @@ def train_set_command(args: argparse.Namespace) -> int:
     from .colab import resolve_mirror_dir
     from .language_model import load_language_model
     from .lock import hold
-    from .layer_parallel import init_process_group, launched_by_torchrun, leave_process_group
+    from .distributed import init_process_group, launched_by_torchrun, leave_process_group
     from .memory import device_capacity, memory_plan
     from .preflight import check_before_model
     from .sets import TranscoderSet, is_set, parse_layers, train_set
@@ -242,13 +244,31 @@ def train_set_command(args: argparse.Namespace) -> int:
 
 
 def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sources: list[str]) -> int:
+    from .distributed import init_process_group, launched_by_torchrun, leave_process_group
+    from .transcoder import LOCAL
+
+    device = resolve_device(configs[0].device)
+    reduction, rank, parallel = LOCAL, 0, {}
+    if launched_by_torchrun():  # data-parallel: each rank computes and trains on its share of every batch
+        from .data_parallel import DataParallelStore
+        from .distributed import ProcessGroupReduction
+
+        rank, world, device = init_process_group(device)
+        reduction, parallel = ProcessGroupReduction(), dict(store_type=DataParallelStore, rank=rank, world=world)
+    try:
+        return train_on(args, configs, sources, device, reduction, rank, parallel)
+    finally:
+        leave_process_group()
+
+
+def train_on(args: argparse.Namespace, configs: list[TranscoderConfig], sources: list[str], device: str,
+             reduction, rank: int, parallel: dict) -> int:
     from .activations import build_store
     from .colab import resolve_mirror_dir
     from .language_model import fit_config_to_model, load_language_model
     from .settings import config_settings, make_configs
     from .train import Trainer
 
-    device = resolve_device(configs[0].device)
     bridge = load_language_model(configs[0].model_name, device=device, dtype=configs[0].model_dtype)
     configs = make_configs(config_settings(args, d_model=bridge.cfg.d_model), sources)
     configs = [fit_config_to_model(cfg, bridge) for cfg in configs]
@@ -256,11 +276,11 @@ def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sour
         print(f"{cfg.run_name}: {cfg.model_name} {cfg.source_hook} -> {cfg.target_hook}, d_in={cfg.d_in} "
               f"d_out={cfg.d_out} d_sae={cfg.d_sae} prefixes={cfg.prefix_sizes} k={cfg.k}, "
               f"{cfg.total_steps} steps of {cfg.batch_size} tokens on {device}", file=sys.stderr)
-    store = build_store(bridge, configs, buffer_device=device)
+    store = build_store(bridge, configs, buffer_device=device, **parallel)
     mirrors = [resolve_mirror_dir(cfg.drive_dir, cfg.run_name) for cfg in configs]
     trainer = Trainer(configs, store, device=device, mirror_dirs=mirrors, resume=args.resume,
-                      progress=not args.no_progress)
-    return run_and_report(trainer.train, lambda: trainer.runs)
+                      progress=not args.no_progress, reduction=reduction, writer=rank == 0)
+    return run_and_report(trainer.train, lambda: trainer.runs if rank == 0 else [])
 
 
 def run_and_report(train, runs, set_dir: Path | None = None, set_mirror: Path | None = None) -> int:

@@ -16,9 +16,7 @@ checkpoint step that every rank holds.
 
 from __future__ import annotations
 
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,41 +25,7 @@ from torch import Tensor
 
 from .activations import ActivationStore
 from .checkpoint import checkpoint_step, list_checkpoints
-from .memory import split
-
-TIMEOUT_ENV = "MTC_DIST_TIMEOUT_S"
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def init_process_group(device: str) -> tuple[int, int, str]:
-    """(rank, world size, this rank's device) after joining torchrun's process group: NCCL with one GPU per
-    rank (`LOCAL_RANK`), gloo on CPU. A peer that stops answering fails collectives after `MTC_DIST_TIMEOUT_S`
-    seconds (default 600) instead of hanging."""
-    if not dist.is_initialized():
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
-        # torchrun's agent hosts the store and keeps it across restarts (--max-restarts): without a prefix per
-        # attempt, a restarted rank reads its peers' addresses from the failed attempt and cannot connect.
-        hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=rank == 0 and not hosted_by_agent, timeout=timeout)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout, rank=rank,
-                                world_size=world, store=dist.PrefixStore(f"mtc/attempt_{attempt}", store))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def leave_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
+from .distributed import context_shares
 
 def agree_on_checkpoints(run_dirs: list[Path], mirror_dirs: list[Path | None]) -> None:
     """Before resuming, set aside (as `checkpoints/.unmatched-step_<N>`) every checkpoint newer than the newest
@@ -97,8 +61,7 @@ class LayerParallelStore(ActivationStore):
         self.hook_pairs = [tuple(pair) for pair in owned[self.rank]]
 
     def activations(self, tokens: Tensor, keep: Tensor) -> dict[str, Tensor]:
-        chunks = list(range(0, len(tokens), self.model_batch_size))
-        shares = [(c[0], c[-1] + self.model_batch_size) if c else (0, 0) for c in split(chunks, self.world)]
+        shares = context_shares(len(tokens), self.model_batch_size, self.world)
         lo, hi = shares[self.rank]
         mine = super().activations(tokens[lo:hi], keep[lo:hi]) if hi > lo else {}
         widths = {hook: acts.shape[-1] for hook, acts in mine.items()}

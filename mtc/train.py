@@ -34,7 +34,7 @@ from .logger import METRICS_FILE, RunLogger, truncate_metrics
 from .mirror import Mirror
 from .samples import SampleCollector, context_lookup
 from .scaling import ActivationScales
-from .transcoder import MatryoshkaTranscoder, TrainingOutput
+from .transcoder import LOCAL, BatchReduction, MatryoshkaTranscoder, TrainingOutput
 
 
 class NonFiniteError(RuntimeError):
@@ -85,15 +85,17 @@ def make_optimizer(model: MatryoshkaTranscoder, cfg: TranscoderConfig) -> torch.
 
 
 def train_step(model: MatryoshkaTranscoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               lr: float) -> TrainingOutput:
+               lr: float, reduction: BatchReduction = LOCAL) -> TrainingOutput:
     """One optimiser step on a batch: loss, backward, drop the decoder-parallel gradient, clip, Adam at
     `lr`, renormalise decoder rows. Raises `FloatingPointError` (before touching the weights) when the
     loss is not finite."""
-    out = model.training_forward(x, y)
-    if not torch.isfinite(out.loss):
+    out = model.training_forward(x, y, reduction=reduction)
+    if not torch.isfinite(out.reported_loss):
         raise FloatingPointError("non-finite loss")
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    if reduction.world_size > 1:  # each rank's gradient is its part of the batch's: sum them
+        reduction.sum_gradients(model.parameters())
     model.remove_parallel_decoder_grad()
     torch.nn.utils.clip_grad_norm_(model.parameters(), model.cfg.grad_clip)
     for group in optimizer.param_groups:
@@ -124,7 +126,7 @@ class Run:
 def accumulate(sums: dict, out: TrainingOutput) -> None:
     """Add one step's losses to the running sums of a log interval (on the device, no sync)."""
     for name in ("loss", "fvu_per_prefix", "aux_loss", "l0"):
-        value = getattr(out, name).detach().float()
+        value = (out.reported_loss if name == "loss" else getattr(out, name)).detach().float()
         sums[name] = sums[name] + value if name in sums else value
     sums["n_dead"] = out.n_dead
     sums["steps"] = sums.get("steps", 0) + 1
@@ -137,10 +139,14 @@ class Trainer:
     `resume`: "auto" continues from the newest complete checkpoint (local or mirror) that loads (a damaged
     one is skipped with a warning naming the file and why), "never" starts afresh, or a path to a
     `step_<N>` folder (single transcoder). A checkpoint beyond the token budget is refused.
+
+    Data-parallel training (`mtc.data_parallel`) passes the ranks' `reduction` and `writer=False` on every
+    rank but 0: those train identically but write nothing.
     """
 
     def __init__(self, configs: list[TranscoderConfig], store, device: str | torch.device = "cpu",
-                 mirror_dirs: list[Path | None] | None = None, resume: str = "auto", progress: bool = True):
+                 mirror_dirs: list[Path | None] | None = None, resume: str = "auto", progress: bool = True,
+                 reduction: BatchReduction = LOCAL, writer: bool = True):
         if not configs:
             raise ValueError("Trainer needs at least one TranscoderConfig")
         for cfg in configs[1:]:
@@ -151,7 +157,8 @@ class Trainer:
             raise ValueError(f"each transcoder needs its own run_name; got run dirs {[str(d) for d in dirs]}")
         self.store = store
         self.device = torch.device(device)
-        self.progress = progress
+        self.reduction, self.writer = reduction, writer
+        self.progress = progress and writer
         self.total_steps = configs[0].total_steps
         self.step = 0
         mirror_dirs = mirror_dirs or [None] * len(configs)
@@ -166,7 +173,7 @@ class Trainer:
         model = MatryoshkaTranscoder(cfg, device=self.device)
         optimizer = make_optimizer(model, cfg)
         samples = SampleCollector(cfg.d_sae, top_n=cfg.samples_top_n, device=self.device, seed=cfg.seed) \
-            if cfg.samples_every else None
+            if cfg.samples_every and self.writer else None
         mirror = Mirror(mirror_dir, cfg.run_dir, cfg.keep_checkpoints, self._mirror_pool)
         return Run(cfg=cfg, model=model, optimizer=optimizer, run_dir=cfg.run_dir, mirror=mirror,
                    samples=samples)
@@ -233,7 +240,11 @@ class Trainer:
                     print(f"note: {name} changed from {getattr(saved.cfg, name)} to {getattr(run.cfg, name)} "
                           "(another GPU?); the run continues but is no longer bit-identical to an "
                           "uninterrupted one", file=sys.stderr)
-            if run.mirror.holds(path):
+            if state.get("world_size", 1) != self.reduction.world_size:
+                print(f"note: {path} was written by {state.get('world_size', 1)} process(es), this run has "
+                      f"{self.reduction.world_size}; it continues with the same batches, but sums over the batch are "
+                      "taken in another order, so it is not bit-identical to an uninterrupted run", file=sys.stderr)
+            if run.mirror.holds(path) and self.writer:
                 run.mirror.fetch_history()
             # model.safetensors is in raw units; training continues from the training-unit weights
             run.model.load_state_dict(state.get("model", saved.state_dict()))
@@ -249,7 +260,8 @@ class Trainer:
                             for k, v in state.get("interval", {}).items()}
             run.last_metrics = meta.get("metrics", {})
             self.step = state["step"]
-            truncate_metrics(run.run_dir, self.step)
+            if self.writer:
+                truncate_metrics(run.run_dir, self.step)
         torch.set_rng_state(state["torch_rng"])
         self.store.load_state_dict(state["store"])
         print(f"resumed from step {self.step} ({paths[0]})", file=sys.stderr)
@@ -257,7 +269,7 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train(self) -> list[dict]:
         """Run to the end of the token budget; returns each transcoder's last metrics."""
-        with lock.hold([run.run_dir for run in self.runs]):
+        with lock.hold([run.run_dir for run in self.runs] if self.writer else []):
             self._clean_temporaries()
             try:
                 return self._train()
@@ -266,16 +278,17 @@ class Trainer:
 
     def _clean_temporaries(self) -> None:
         """Leftovers of interrupted writes, locally and on the mirror (safe: this process holds the run dir)."""
-        for run in self.runs:
+        for run in self.runs if self.writer else []:
             clean_temporaries(run.run_dir)
             run.mirror.clean()
 
     def _train(self) -> list[dict]:
-        for run in self.runs:
+        for run in self.runs if self.writer else []:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             run.cfg.save(run.run_dir / "config.json")
             run.logger = RunLogger(run.cfg, run.run_dir, resume=self._resumed)
-        print(self.runs[0].logger.message, file=sys.stderr)
+        if self.writer:
+            print(self.runs[0].logger.message, file=sys.stderr)
         restore_signals = self._install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not self.progress,
                    dynamic_ncols=True, desc=self.runs[0].cfg.run_name)
@@ -285,6 +298,7 @@ class Trainer:
                 batch = self.store.next_batch()
                 if self.step == 0:
                     for run, x, y in zip(self.runs, batch.sources, batch.targets):
+                        x, y = self.reduction.gather(x), self.reduction.gather(y)  # the whole batch
                         if run.cfg.normalize_activations == "mean_norm":
                             run.scales = ActivationScales.estimate(x, y)
                         run.model.init_from_batch(*self._training_units(run, x, y))
@@ -305,7 +319,7 @@ class Trainer:
                     bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
                 if self.step % self.runs[0].cfg.checkpoint_every == 0 or last:
                     self.checkpoint()
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     if self.step % self.runs[0].cfg.checkpoint_every and not last:
                         self.checkpoint()
                     raise StopRequested(f"stopped by signal {self._stop_signal} at step {self.step}; "
@@ -337,7 +351,7 @@ class Trainer:
     def _train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor) -> TrainingOutput:
         x, y = self._training_units(run, x, y)
         try:
-            return train_step(run.model, run.optimizer, x, y, learning_rate(self.step, run.cfg))
+            return train_step(run.model, run.optimizer, x, y, learning_rate(self.step, run.cfg), self.reduction)
         except FloatingPointError:
             raise NonFiniteError(self._non_finite_message(run, "the loss")) from None
 
@@ -360,7 +374,8 @@ class Trainer:
         metrics.update(step=self.step, tokens=self.step * run.cfg.batch_size,
                        lr=learning_rate(self.step - 1, run.cfg), tokens_per_s=tokens_per_s)
         run.last_metrics = metrics
-        run.logger.log(metrics)
+        if run.logger is not None:
+            run.logger.log(metrics)
         self._warn_if_diverging(run, metrics["fvu"])
 
     def _warn_if_diverging(self, run: Run, fvu: float) -> None:
@@ -369,7 +384,7 @@ class Trainer:
         stalled = fvu > DIVERGING_FVU and fvu >= run.best_fvu
         run.best_fvu = min(run.best_fvu, fvu)
         run.diverging_intervals = run.diverging_intervals + 1 if stalled else 0
-        if run.diverging_intervals == DIVERGING_INTERVALS:
+        if run.diverging_intervals == DIVERGING_INTERVALS and self.writer:
             tqdm.write(f"warning: {run.cfg.run_name} is diverging: FVU above {DIVERGING_FVU:g} and not improving for "
                        f"{DIVERGING_INTERVALS} log intervals in a row (now {fvu:.3g}; predicting the mean gives "
                        f"1). Try a lower lr (now {run.cfg.lr:g}), a longer warmup_steps (now "
@@ -382,12 +397,15 @@ class Trainer:
         for run in self.runs:
             if not all(torch.isfinite(p).all() for p in run.model.parameters()):
                 raise NonFiniteError(self._non_finite_message(run, "the weights"))
+            if not self.writer:
+                continue
             state = {"step": self.step, "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
                      "optimizer": run.optimizer.state_dict(),
                      "tokens_since_fired": run.model.tokens_since_fired.cpu(),
                      "samples": run.samples.state_dict() if run.samples is not None else None,
                      "interval": {k: v.cpu() if torch.is_tensor(v) else v for k, v in run.interval.items()},
                      "store": self.store.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "world_size": self.reduction.world_size,
                      "scales": run.scales.to_dict()}
             meta = {"tokens": self.step * run.cfg.batch_size, "metrics": run.last_metrics, "time": time.time(),
                     "activation_scales": run.scales.to_dict()}
@@ -408,7 +426,7 @@ class Trainer:
         """Top-activating contexts with their tokens, under `samples/` (needs a store that can re-read
         its contexts; synthetic stores have none)."""
         make_contexts = getattr(self.store, "make_contexts", None)
-        if run.samples is None or make_contexts is None or run.samples.tokens_seen == 0:
+        if run.samples is None or not self.writer or make_contexts is None or run.samples.tokens_seen == 0:
             return
         meta = {"model_name": run.cfg.model_name, "source_hook": run.cfg.source_hook,
                 "target_hook": run.cfg.target_hook, "prefix_sizes": run.cfg.prefix_sizes, "step": self.step}
@@ -430,7 +448,8 @@ class Trainer:
             tqdm.write(f"note: the JumpReLU threshold stays the training moving average ({err})", file=sys.stderr)
             return
         for i, run in enumerate(self.runs):
-            sources = [self._training_units(run, batch.sources[i], batch.targets[i])[0] for batch in batches]
+            sources = [self._training_units(run, self.reduction.gather(batch.sources[i]), batch.targets[i])[0]
+                       for batch in batches]
             run.model.calibrate_threshold(sources)
 
     @staticmethod
@@ -440,12 +459,21 @@ class Trainer:
         run.scales = ActivationScales()
 
     def _save_final(self, run: Run) -> None:
+        if not self.writer:
+            return
         tmp, final = run.run_dir / ".tmp-final", run.run_dir / "final"
         save(run.model, tmp, run.scales)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         run.mirror.copy([(final, "final")], prune=False)
+
+    def _stop_requested(self) -> bool:
+        """Whether SIGTERM/SIGINT arrived (on any rank: all ranks must stop at the same step)."""
+        if self.reduction.world_size > 1 and self.reduction.max(
+                torch.tensor(float(self._stop_signal is not None), device=self.device)):
+            self._stop_signal = self._stop_signal or signal.SIGTERM
+        return self._stop_signal is not None
 
     def _install_signal_handlers(self):
         """SIGTERM/SIGINT finish the current step, write a checkpoint and stop (main thread only)."""

@@ -27,6 +27,30 @@ from .kernels import (SelectedPreActivations, aux_k_indices, batch_topk_indices,
 
 
 # ---------------------------------------------------------------------- pure maths
+class BatchReduction:
+    """Sums and extremes over the whole training batch. In one process the batch is all here, so every
+    method is the identity; data-parallel training (`mtc.data_parallel`) reduces over the ranks that
+    each hold a share of the batch, so every rank computes the global batch's losses and statistics."""
+
+    world_size, rank = 1, 0
+
+    def sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def min(self, t: Tensor) -> Tensor:
+        return t
+
+    def max(self, t: Tensor) -> Tensor:
+        return t
+
+    def gather(self, t: Tensor) -> Tensor:
+        """The rows of `t` of every rank, concatenated in rank order."""
+        return t
+
+
+LOCAL = BatchReduction()
+
+
 def batch_topk(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, Tensor]:
     """Keep the `k * batch` largest entries over the whole batch, zero the rest.
 
@@ -39,6 +63,28 @@ def batch_topk(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, 
     z = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
     smallest_kept = torch.where(values > 0, values, torch.inf).min().detach()
     return z, smallest_kept
+
+
+def shared_batch_topk_indices(pre_acts: Float[Tensor, "batch d_sae"], k: int,
+                              reduction: BatchReduction) -> tuple[Tensor, Tensor]:
+    """BatchTopK over a batch shared between ranks: this rank's `(tokens, latents)` among the `k * batch`
+    largest entries of the whole batch. Every rank offers its own largest candidates; the `k * batch`-th
+    largest of all of them is the threshold. Zero entries are never kept (they would be inert picks)."""
+    n_global = int(reduction.sum(torch.tensor(pre_acts.shape[0], device=pre_acts.device)))
+    flat = pre_acts.flatten()
+    n_keep = k * n_global
+    candidates = flat.topk(min(n_keep, flat.numel()), sorted=False).values
+    everyone = reduction.gather(candidates)
+    threshold = everyone.topk(min(n_keep, everyone.numel()), sorted=False).values.min()
+    above = (flat > threshold) & (flat > 0)
+    tied = ((flat == threshold) & (flat > 0)).nonzero().squeeze(1)
+    # exactly k * batch entries, as one process keeps: entries equal to the threshold (duplicated tokens
+    # give exact ties) are handed out in rank order
+    n_tied = reduction.gather(torch.tensor([len(tied)], device=flat.device))
+    wanted = n_keep - int(reduction.sum(above.sum()))
+    before = int(n_tied[:reduction.rank].sum())
+    kept = torch.cat([above.nonzero().squeeze(1), tied[:max(0, min(len(tied), wanted - before))]])
+    return kept // pre_acts.shape[1], kept % pre_acts.shape[1]
 
 
 def decode_prefixes(
@@ -56,10 +102,16 @@ def decode_prefixes(
     return nested_sums(group_outputs) + b_dec
 
 
-def fvu(y: Float[Tensor, "batch d"], y_hat: Float[Tensor, "*prefix batch d"]) -> Tensor:
+def fvu(y: Float[Tensor, "batch d"], y_hat: Float[Tensor, "*prefix batch d"],
+        reduction: BatchReduction = LOCAL) -> Tensor:
     """Fraction of variance unexplained, `sum((y - y_hat)^2) / sum((y - mean_batch(y))^2)`.
-    A leading prefix dimension on `y_hat` gives one FVU per prefix."""
-    total_variance = (y - y.mean(0)).pow(2).sum()
+    A leading prefix dimension on `y_hat` gives one FVU per prefix. With a share of the batch
+    (`reduction` over ranks) it is this share's part of the batch's FVU: the parts sum to it."""
+    if reduction.world_size == 1:
+        total_variance = (y - y.mean(0)).pow(2).sum()
+    else:
+        mean = reduction.sum(y.sum(0)) / reduction.sum(y.new_tensor(float(y.shape[0])))
+        total_variance = reduction.sum((y - mean).pow(2).sum())
     return (y - y_hat).pow(2).sum(dim=(-2, -1)) / total_variance
 
 
@@ -107,6 +159,11 @@ class TrainingOutput:
     # the BatchTopK activations, detached: `values[i]` at `(tokens[i], latents[i])` of a `[n_tokens, d_sae]` batch
     active: tuple[Tensor, Tensor, Tensor] | None = None
     n_tokens: int = 0
+    batch_loss: Tensor | None = None  # data-parallel: the whole batch's loss (`loss` is this rank's part)
+
+    @property
+    def reported_loss(self) -> Tensor:
+        return self.loss if self.batch_loss is None else self.batch_loss
 
     def dense_latents(self) -> Float[Tensor, "batch d_sae"]:
         """The BatchTopK activations as a dense `[tokens, d_sae]` tensor (for activation samples)."""
@@ -118,7 +175,7 @@ class TrainingOutput:
     def metrics(self) -> dict[str, float]:
         """The brief's metric names as Python floats (this syncs with the device)."""
         per_prefix = self.fvu_per_prefix.detach().float().cpu()
-        out = {"loss": float(self.loss.detach()), "fvu": float(per_prefix[-1])}
+        out = {"loss": float(self.reported_loss.detach()), "fvu": float(per_prefix[-1])}
         out.update({f"fvu/prefix_{g + 1}": float(v) for g, v in enumerate(per_prefix)})
         out.update(fvu_min=float(per_prefix.min()), fvu_mean=float(per_prefix.mean()),
                    fvu_max=float(per_prefix.max()), l0=float(self.l0), aux_loss=float(self.aux_loss),
@@ -222,37 +279,51 @@ class MatryoshkaTranscoder(nn.Module):
 
     # ------------------------------------------------------------------ training
     def training_forward(self, x: Float[Tensor, "... d_in"], y: Float[Tensor, "... d_out"],
-                         update_stats: bool = True) -> TrainingOutput:
+                         update_stats: bool = True, reduction: BatchReduction = LOCAL) -> TrainingOutput:
         """Loss and metrics of one batch. With `update_stats`, also moves the threshold estimate and
         the firing counters (call it once per optimiser step).
 
         `cfg.kernels="sparse"` selects entries without autograd and lets gradients reach only the
         selected entries (encoder and decoder); `"dense"` is the plain autograd reference. Both give
-        the same loss and gradients."""
+        the same loss and gradients. With `reduction` over ranks that each hold a share of the batch
+        (sparse kernels only), BatchTopK, the FVUs, L0 and the statistics are those of the whole batch,
+        and `loss` is this share's part of the batch's loss: the ranks' gradients sum to its gradient."""
         x = self._as_tokens(x, self.cfg.d_in, "x")
         y = self._as_tokens(y, self.cfg.d_out, "y")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y must hold the same tokens, got {x.shape[0]} and {y.shape[0]}")
         dead_mask = self.tokens_since_fired >= self.cfg.dead_after_tokens
-        losses = self._sparse_losses if self.cfg.kernels == "sparse" else self._dense_losses
-        y_hats, aux, (tokens, latents, values) = losses(x, y, dead_mask)
-        fvu_per_prefix = fvu(y, y_hats)
+        if reduction.world_size > 1:
+            y_hats, aux, (tokens, latents, values) = self._sparse_losses(x, y, dead_mask, reduction)
+        else:
+            losses = self._sparse_losses if self.cfg.kernels == "sparse" else self._dense_losses
+            y_hats, aux, (tokens, latents, values) = losses(x, y, dead_mask)
+        fvu_per_prefix = fvu(y, y_hats, reduction)
         main = (fvu_per_prefix * self.prefix_weights).sum()
 
         values = values.detach()
         firing = values > 0
+        n_tokens = int(reduction.sum(torch.tensor(x.shape[0], device=x.device))) if reduction.world_size > 1 \
+            else x.shape[0]
         if update_stats:
             smallest_kept = torch.where(firing, values, torch.inf).min() if len(values) else values.new_tensor(torch.inf)
-            self._update_stats(latents[firing], x.shape[0], smallest_kept)
+            fired = latents[firing]
+            if reduction.world_size > 1:
+                smallest_kept = reduction.min(smallest_kept)
+                fired = reduction.max(torch.zeros(self.cfg.d_sae, device=x.device).index_fill_(0, fired, 1))
+                fired = fired.nonzero().squeeze(1)
+            self._update_stats(fired, n_tokens, smallest_kept)
+        loss = main + self.cfg.aux_coeff * aux
         return TrainingOutput(
-            loss=main + self.cfg.aux_coeff * aux,
-            fvu_per_prefix=fvu_per_prefix.detach(),
-            aux_loss=aux.detach(),
-            l0=firing.sum() / x.shape[0],
+            loss=loss,
+            fvu_per_prefix=reduction.sum(fvu_per_prefix.detach()),
+            aux_loss=reduction.sum(aux.detach()),
+            l0=reduction.sum(firing.sum()) / n_tokens,
             n_dead=dead_mask.sum(),
             d_sae=self.cfg.d_sae,
             active=(tokens, latents, values),
             n_tokens=x.shape[0],
+            batch_loss=reduction.sum(loss.detach()) if reduction.world_size > 1 else None,
         )
 
     def _encoder_matmul(self, x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
@@ -262,12 +333,15 @@ class MatryoshkaTranscoder(nn.Module):
         out = x.to(compute) @ W.to(compute)
         return out if b is None else out + b.to(compute)
 
-    def _sparse_losses(self, x: Tensor, y: Tensor, dead_mask: Tensor):
+    def _sparse_losses(self, x: Tensor, y: Tensor, dead_mask: Tensor, reduction: BatchReduction = LOCAL):
         with torch.no_grad():
             pre_acts = self._encoder_matmul(x, self.W_enc, self.b_enc)
         aux_tokens, aux_latents = aux_k_indices(pre_acts, dead_mask, self.cfg.k_aux)  # ranked before the ReLU
         pre_acts.relu_()
-        tokens, latents = batch_topk_indices(pre_acts, self.cfg.k)
+        if reduction.world_size > 1:
+            tokens, latents = shared_batch_topk_indices(pre_acts, self.cfg.k, reduction)
+        else:
+            tokens, latents = batch_topk_indices(pre_acts, self.cfg.k)
         # one autograd node for both selections: an entry picked twice gets both gradients, as in dense
         both = SelectedPreActivations.apply(pre_acts, x, self.W_enc, self.b_enc, torch.cat([tokens, aux_tokens]),
                                             torch.cat([latents, aux_latents]), len(tokens))
@@ -276,10 +350,12 @@ class MatryoshkaTranscoder(nn.Module):
                                         self.cfg.prefix_sizes)
         if self.W_skip is not None:
             y_hats = y_hats + self._encoder_matmul(x, self.W_skip).to(y_hats.dtype)
-        if len(aux_tokens) == 0:
+        if len(aux_tokens) == 0 and not (reduction.world_size > 1 and dead_mask.any()):
             return y_hats, x.new_zeros((), dtype=self.W_dec.dtype), (tokens, latents, values)
-        per_token = aux_values.view(x.shape[0], -1)  # aux_k_indices lists each token's picks together
-        if per_token.shape[1] > self.cfg.d_sae // 16:
+        per_token = aux_values.view(x.shape[0], -1) if len(aux_values) else aux_values.view(0, 0)
+        if len(aux_values) == 0:  # data-parallel: this rank holds no token of the batch
+            aux_reconstruction = self.W_dec.new_zeros(0, self.cfg.d_out)
+        elif per_token.shape[1] > self.cfg.d_sae // 16:
             # AuxK over a large share of the latents (small models, many dead): a dense matrix product
             # beats gathering rows (measured: 21 vs 38 ms for 512 tokens x 256 of 2560 latents on CPU).
             dense = per_token.new_zeros(x.shape[0], self.cfg.d_sae).index_put((aux_tokens, aux_latents), aux_values)
@@ -287,7 +363,7 @@ class MatryoshkaTranscoder(nn.Module):
         else:
             aux_reconstruction = F.embedding_bag(aux_latents.view_as(per_token), self.W_dec,
                                                  per_sample_weights=per_token, mode="sum")
-        aux = fvu((y - y_hats[-1]).detach(), aux_reconstruction)
+        aux = fvu((y - y_hats[-1]).detach(), aux_reconstruction, reduction)
         return y_hats, aux, (tokens, latents, values)
 
     def _dense_losses(self, x: Tensor, y: Tensor, dead_mask: Tensor):
