@@ -24,6 +24,9 @@ _EXPORTS = {
     "load_samples": "samples",
     "load_language_model": "language_model",
     "build_store": "activations",
+    "TranscoderSet": "sets",
+    "load_set": "sets",
+    "attribute_set": "attribution",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -130,10 +130,15 @@ class ActivationStore:
         fill = self._fill
         rows = fill.order[self.batches_served * self.batch_size:(self.batches_served + 1) * self.batch_size]
         self.batches_served += 1
-        take = {hook: acts[rows] for hook, acts in fill.acts.items()}
+        rows, held = self.held_rows(fill, rows)
+        take = {hook: acts[held] for hook, acts in fill.acts.items()}
         return ActivationBatch(sources=[take[s] for s, _ in self.hook_pairs],
                                targets=[take[t] for _, t in self.hook_pairs],
                                context_ids=fill.context_ids[rows], positions=fill.positions[rows])
+
+    def held_rows(self, fill: Fill, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(the batch's rows this store serves, their indices into `fill.acts`): all of them here."""
+        return rows, rows
 
     # ------------------------------------------------------------------ filling
     def _open_stream(self, skip: int) -> None:

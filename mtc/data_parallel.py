@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .activations import ActivationBatch, ActivationStore
+from .activations import ActivationStore
 from .distributed import context_shares
 
 
@@ -50,17 +50,7 @@ class DataParallelStore(ActivationStore):
         fill.rows = self._rows  # which rows of the fill (in context order) this rank holds
         return fill
 
-    def next_batch(self) -> ActivationBatch:
-        if self._fill is None or self.batches_served >= self._fill.n_batches:
-            self._next_fill()
-        fill = self._fill
-        rows = fill.order[self.batches_served * self.batch_size:(self.batches_served + 1) * self.batch_size]
-        self.batches_served += 1
+    def held_rows(self, fill, rows: Tensor) -> tuple[Tensor, Tensor]:
         first, end = fill.rows
         mine = rows[(rows >= first) & (rows < end)]
-        take = {hook: acts[mine - first] for hook, acts in fill.acts.items()}
-        return ActivationBatch(sources=[take[s] for s, _ in self.hook_pairs],
-                               targets=[take[t] for _, t in self.hook_pairs],
-                               context_ids=fill.context_ids[mine], positions=fill.positions[mine])
-
-
+        return mine, mine - first

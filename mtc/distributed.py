@@ -92,7 +92,6 @@ class ProcessGroupReduction(BatchReduction):
         return torch.cat([part[:int(n)] for part, n in zip(parts, sizes)])
 
     def sum_gradients(self, parameters) -> None:
-        """Sum every parameter's gradient over the ranks (each holds its share of the batch loss's)."""
         for p in parameters:
             if p.grad is not None:
                 dist.all_reduce(p.grad)

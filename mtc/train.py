@@ -94,8 +94,7 @@ def train_step(model: MatryoshkaTranscoder, optimizer: torch.optim.Optimizer, x:
         raise FloatingPointError("non-finite loss")
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
-    if reduction.world_size > 1:  # each rank's gradient is its part of the batch's: sum them
-        reduction.sum_gradients(model.parameters())
+    reduction.sum_gradients(model.parameters())  # data-parallel: each rank's gradient is its part of the batch's
     model.remove_parallel_decoder_grad()
     torch.nn.utils.clip_grad_norm_(model.parameters(), model.cfg.grad_clip)
     for group in optimizer.param_groups:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .config import TranscoderConfig, torch_dtype
 from .kernels import (SelectedPreActivations, aux_k_indices, batch_topk_indices, decode_prefixes_sparse,
-                      nested_sums)
+                      nested_sums, shared_batch_topk_indices)
 
 
 # ---------------------------------------------------------------------- pure maths
@@ -47,6 +47,9 @@ class BatchReduction:
         """The rows of `t` of every rank, concatenated in rank order."""
         return t
 
+    def sum_gradients(self, parameters) -> None:
+        """Sum every parameter's gradient over the ranks (each holds its part of the batch loss's)."""
+
 
 LOCAL = BatchReduction()
 
@@ -63,28 +66,6 @@ def batch_topk(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, 
     z = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
     smallest_kept = torch.where(values > 0, values, torch.inf).min().detach()
     return z, smallest_kept
-
-
-def shared_batch_topk_indices(pre_acts: Float[Tensor, "batch d_sae"], k: int,
-                              reduction: BatchReduction) -> tuple[Tensor, Tensor]:
-    """BatchTopK over a batch shared between ranks: this rank's `(tokens, latents)` among the `k * batch`
-    largest entries of the whole batch. Every rank offers its own largest candidates; the `k * batch`-th
-    largest of all of them is the threshold. Zero entries are never kept (they would be inert picks)."""
-    n_global = int(reduction.sum(torch.tensor(pre_acts.shape[0], device=pre_acts.device)))
-    flat = pre_acts.flatten()
-    n_keep = k * n_global
-    candidates = flat.topk(min(n_keep, flat.numel()), sorted=False).values
-    everyone = reduction.gather(candidates)
-    threshold = everyone.topk(min(n_keep, everyone.numel()), sorted=False).values.min()
-    above = (flat > threshold) & (flat > 0)
-    tied = ((flat == threshold) & (flat > 0)).nonzero().squeeze(1)
-    # exactly k * batch entries, as one process keeps: entries equal to the threshold (duplicated tokens
-    # give exact ties) are handed out in rank order
-    n_tied = reduction.gather(torch.tensor([len(tied)], device=flat.device))
-    wanted = n_keep - int(reduction.sum(above.sum()))
-    before = int(n_tied[:reduction.rank].sum())
-    kept = torch.cat([above.nonzero().squeeze(1), tied[:max(0, min(len(tied), wanted - before))]])
-    return kept // pre_acts.shape[1], kept % pre_acts.shape[1]
 
 
 def decode_prefixes(
