@@ -217,7 +217,8 @@ def train_set_command(args: argparse.Namespace) -> int:
     if launched_by_torchrun() and not args.dry_run:  # layer-parallel: each process trains a share of every pass
         rank, world, device = init_process_group(device)
     finished, interrupted, fresh = tset.progress(mirror_root, fetch=rank == 0)
-    plan = memory_plan(tset.config, shape, fresh or tset.layers, *device_capacity(device, args.memory), ranks=world)
+    plan = memory_plan(tset.config, shape, fresh or tset.layers, *device_capacity(device, args.memory), ranks=world,
+                       on_cpu=device == "cpu" and not args.memory)
     passes = ([interrupted] if interrupted else []) + (plan.passes if fresh else [])
     if rank == 0:
         print(plan.format())

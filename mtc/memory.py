@@ -20,6 +20,9 @@ from .config import TranscoderConfig
 
 GiB = 2**30
 HEADROOM = 0.9  # share of the device a plan may fill
+# Planning CPU RAM, the process itself counts too: Python with torch, transformers and transformer-lens imported
+# holds 0.47 GiB (measured with torch 2.13). On a GPU the headroom covers the CUDA context.
+LIBRARIES_ON_CPU = GiB // 2
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # Memory of the devices researchers train on, for `--memory t4` and the docs (what torch reports).
 NAMED_DEVICES = {"t4": 15.0, "l4": 22.5, "a100-40gb": 40.0, "a100-80gb": 80.0, "h100": 80.0}
@@ -147,15 +150,19 @@ def layer_costs(cfg: TranscoderConfig, shape: ModelShape) -> dict[str, int]:
     buffer = buffers * (cfg.buffer_tokens + cfg.seq_len) * DTYPE_BYTES[cfg.activation_dtype]
     chunk = cfg.model_batch_size * cfg.seq_len * DTYPE_BYTES[cfg.model_dtype]  # one forward's output per hook
     samples = cfg.d_sae * (cfg.samples_top_n + 4) * 24 if cfg.samples_every else 0
+    # the JumpReLU calibration holds its batches at once at the end of the run (see Trainer._calibrate_thresholds)
+    calibration = 0 if cfg.calibration_tokens == 0 else cfg.batch_size * min(
+        -(-cfg.calibration_tokens // cfg.batch_size), max(1, cfg.total_steps // 10))
     return {"transcoder parameters": param_bytes, "gradients": param_bytes, "Adam state": 2 * param_bytes,
             f"activation buffer, source hook ({cfg.d_in} wide)": buffer * cfg.d_in,
             f"activation buffer, target hook ({cfg.d_out} wide)": buffer * cfg.d_out,
             "forward outputs of both hooks": chunk * (cfg.d_in + cfg.d_out),
+            "calibration batches (end of run)": calibration * (cfg.d_in + cfg.d_out) * DTYPE_BYTES[cfg.activation_dtype],
             "firing counters and samples": cfg.d_sae * 8 + samples}
 
 
-def pass_costs(cfg: TranscoderConfig, shape: ModelShape) -> dict[str, int]:
-    """Bytes needed once per pass, whatever the number of layers in it."""
+def pass_costs(cfg: TranscoderConfig, shape: ModelShape, on_cpu: bool = False) -> dict[str, int]:
+    """Bytes needed once per pass, whatever the number of layers in it (`on_cpu`: the process's own too)."""
     model_bytes = DTYPE_BYTES[cfg.model_dtype]
     tokens = cfg.model_batch_size * cfg.seq_len
     forward = model_bytes * (tokens * (4 * shape.d_model + 3 * shape.d_mlp)
@@ -163,8 +170,11 @@ def pass_costs(cfg: TranscoderConfig, shape: ModelShape) -> dict[str, int]:
     compute = DTYPE_BYTES[cfg.compute_dtype or cfg.dtype]
     # pre-activations, their gradient and AuxK's candidates; per-prefix reconstructions and their gradients
     step = cfg.batch_size * (3 * cfg.d_sae * max(compute, 4) + (2 * cfg.n_prefixes + 4) * (cfg.d_in + cfg.d_out) * 4)
-    return {"language model weights": shape.n_params * model_bytes, "language model forward": forward,
-            "transcoder step (one layer at a time)": step}
+    costs = {"language model weights": shape.n_params * model_bytes, "language model forward": forward,
+             "transcoder step (one layer at a time)": step}
+    if on_cpu:
+        costs["Python, torch and libraries"] = LIBRARIES_ON_CPU
+    return costs
 
 
 @dataclass
@@ -229,12 +239,12 @@ def split(items: list, parts: int) -> list[list]:
 
 
 def memory_plan(cfg: TranscoderConfig, shape: ModelShape, layers: list[int], device: str,
-                capacity: int, ranks: int = 1) -> MemoryPlan:
+                capacity: int, ranks: int = 1, on_cpu: bool = False) -> MemoryPlan:
     """Split `layers` (in order) into the fewest passes whose memory fits `capacity` bytes per device, as evenly
     as possible; with `ranks` devices (layer-parallel under torchrun) a pass holds `ranks` times the layers.
     Raises `ValueError` naming the settings to change when not even one layer fits."""
     cfg = cfg.replace(d_in=shape.d_model, d_out=shape.d_model) if cfg.d_in != shape.d_model else cfg
-    per_pass, per_layer = pass_costs(cfg, shape), layer_costs(cfg, shape)
+    per_pass, per_layer = pass_costs(cfg, shape, on_cpu), layer_costs(cfg, shape)
     room = int(capacity * HEADROOM) - sum(per_pass.values())
     fit = room // sum(per_layer.values())
     if fit < 1:

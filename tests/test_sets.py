@@ -43,7 +43,7 @@ def assert_same_weights(a, b):
 def one_layer_per_pass(model_dir) -> str:
     """A `--memory` in GB that fits the language model and exactly one layer of `set_args`."""
     args = dict(d_in=64, d_out=64, d_sae=48, prefix_sizes=[16, 48], k=4, k_aux=16, batch_size=32, seq_len=16,
-                buffer_tokens=256, model_batch_size=8, samples_every=0)
+                buffer_tokens=256, model_batch_size=8, samples_every=0, total_tokens=32 * 12, warmup_steps=2)
     cfg = TranscoderConfig(**args)
     shape = model_shape(str(model_dir))
     need = sum(pass_costs(cfg, shape).values()) + 1.5 * sum(layer_costs(cfg, shape).values())
@@ -87,6 +87,9 @@ def test_memory_plan_counts_the_transcoder_and_splits_evenly():
     assert costs["transcoder parameters"] == (2 * 2304 * 16384 + 16384 + 2304) * 4
     assert costs["Adam state"] == 2 * costs["transcoder parameters"]
     assert costs["activation buffer, source hook (2304 wide)"] == (262_144 + 128) * 2304 * 2
+    assert costs["calibration batches (end of run)"] == 32_768 * (2304 + 2304) * 2  # 8 batches of 4,096, float16
+    assert "Python, torch and libraries" in pass_costs(cfg, shape, on_cpu=True)
+    assert "Python, torch and libraries" not in pass_costs(cfg, shape)  # a GPU plan
     fixed, per_layer = sum(pass_costs(cfg, shape).values()), sum(costs.values())
     capacity = int((fixed + 7.5 * per_layer) / HEADROOM)  # room for 7 layers
     plan = memory_plan(cfg, shape, list(range(26)), "test", capacity)
