@@ -24,11 +24,11 @@ import torch
 def per_rank_worker(argv: list[str]) -> int:
     """`python -m mtc train` with BatchTopK inside each rank's share (k * its own rows) instead of over the
     whole batch."""
-    import mtc.transcoder
     from mtc.cli import main
     from mtc.kernels import batch_topk_indices
+    from mtc.parallel import ProcessGroupReduction
 
-    mtc.transcoder.shared_batch_topk_indices = lambda pre_acts, k, reduction: batch_topk_indices(pre_acts, k)
+    ProcessGroupReduction.batch_topk = lambda self, pre_acts, k: batch_topk_indices(pre_acts, k)
     return main(argv)
 
 

@@ -98,6 +98,7 @@ class ActivationStore:
         self._fill: Fill | None = None
         self._pending: Future | None = None
         self._producer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtc-store") if prefetch else None
+        self.progress: Callable[[int], None] | None = None  # told the tokens each forward pass adds (a progress bar)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, int]:
@@ -223,6 +224,8 @@ class ActivationStore:
                     acts[hook] = torch.empty(n, out.shape[-1], dtype=self.dtype, device=self.buffer_device)
                 acts[hook][row:row + n_kept] = out[chunk_keep.to(out.device)].to(self.buffer_device, self.dtype)
             row += n_kept
+            if self.progress is not None:
+                self.progress(n_kept)
         return acts
 
     @torch.no_grad()  # not inference_mode: served tensors must be usable in autograd
@@ -272,10 +275,9 @@ def build_store(bridge, configs: list[TranscoderConfig], buffer_device: str | to
                 store_type: type[ActivationStore] = ActivationStore, **store_args) -> ActivationStore:
     """The store that feeds every transcoder in `configs` from one pass of `bridge` (they must agree
     on model, data, batch and buffer settings); it stops computing activations at the run's last batch.
-    `store_type` and `store_args` build a subclass (e.g. `mtc.layer_parallel.LayerParallelStore`)."""
+    `store_type` and `store_args` build a subclass (e.g. `mtc.parallel.LayerParallelStore`)."""
     first = configs[0]
-    shared = ("model_name", "dataset", "dataset_split", "text_column", "seq_len", "batch_size",
-              "model_batch_size", "buffer_tokens", "activation_dtype", "seed", "total_tokens", "prefetch")
+    shared = TranscoderConfig.store_fields()
     for cfg in configs[1:]:
         for name in shared:
             if getattr(cfg, name) != getattr(first, name):

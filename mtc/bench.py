@@ -34,11 +34,8 @@ from pathlib import Path
 import torch
 
 from .config import TranscoderConfig, resolve_device
-from .presets import GEMMA2_2B, PRESETS
+from .presets import PRESETS
 from .transcoder import MatryoshkaTranscoder, TrainingOutput
-
-# model widths for synthetic runs (no model loaded)
-MODEL_WIDTHS = {GEMMA2_2B: 2304, "gemma-3-270m-offline": 640}
 
 
 @dataclass
@@ -64,8 +61,10 @@ def bench_config(settings: BenchSettings, output_dir: Path) -> TranscoderConfig:
     if settings.short:
         preset.update(buffer_tokens=4 * preset["batch_size"], model_batch_size=min(16, preset["model_batch_size"]))
     preset.update(settings.overrides)
-    if settings.synthetic and preset["model_name"] in MODEL_WIDTHS:
-        width = MODEL_WIDTHS[preset["model_name"]]
+    if settings.synthetic and not {"d_in", "d_out"} <= set(preset):
+        from .memory import model_shape
+
+        width = model_shape(preset["model_name"]).d_model  # its config only: no model is loaded
         preset.setdefault("d_in", width)
         preset.setdefault("d_out", width)
     batch_size = preset.get("batch_size", TranscoderConfig.batch_size)
@@ -187,7 +186,8 @@ def measure_step(cfg: TranscoderConfig, x: torch.Tensor, y: torch.Tensor, steps:
 
 # ---------------------------------------------------------------------- orchestration
 def load_bridge(cfg: TranscoderConfig, random_weights: bool, device: str):
-    from .language_model import load_language_model, random_language_model
+    from .language_model import load_language_model
+    from .random_model import random_language_model
 
     if random_weights:
         return random_language_model(cfg.model_name, device=device, dtype=cfg.model_dtype)

@@ -115,13 +115,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, META_FILE)
 TEMPORARY_PREFIXES = (".tmp-", ".trash-")  # interrupted writes and deletions
 
-# Settings that may change when a run resumes: logging, paths, budget, and the dtypes (a resumed run
-# may land on another GPU; then it is no longer bit-identical, and the trainer says so).
-RESUMABLE_CHANGES = {"total_tokens", "output_dir", "drive_dir", "log_every", "checkpoint_every",
-                     "keep_checkpoints", "wandb_mode", "wandb_project", "wandb_entity",
-                     "wandb_log_checkpoints", "device", "run_name", "samples_every", "samples_top_n",
-                     "model_dtype", "activation_dtype", "compute_dtype",  # a resumed run may land on another GPU
-                     "kernels", "prefetch", "calibration_tokens"}  # same maths and data, computed differently
+# Settings that may change when a run resumes: logging, paths, budget, and how the numbers are computed (a
+# resumed run may land on another GPU; then it is no longer bit-identical, and the trainer says so). Derived
+# from the config's field groups: see `SettingGroup` in mtc/config.py.
+RESUMABLE_CHANGES = TranscoderConfig.resumable_fields()
 
 
 def write_checkpoint(run_dir: Path, step: int, model: MatryoshkaTranscoder, trainer_state: dict,
@@ -177,6 +174,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def checkpoint_step(path: Path) -> int:
     return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
+def run_checkpoints(run_dir: Path, mirror_dir: Path | None = None) -> dict[int, Path]:
+    """Every complete checkpoint of a run by step: its own and its mirror's. A step held in both is the local
+    copy (no download); an unreachable mirror (Drive unmounted) holds none."""
+    found = {}
+    if mirror_dir is not None:
+        try:
+            found.update({checkpoint_step(p): p for p in list_checkpoints(mirror_dir)})
+        except OSError:
+            pass
+    found.update({checkpoint_step(p): p for p in list_checkpoints(run_dir)})
+    return found
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import TranscoderConfig, resolve_device
-from .errors import UsageError, debug_requested, describe, exit_code, reported
+from .errors import debug_requested, describe, exit_code, reported
 
 LIST_FIELDS = {"prefix_sizes": int, "prefix_weights": float}
 
@@ -24,15 +23,27 @@ def _field_default(f):
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
+def _shown_default(f, default) -> str:
+    """The default as `--help` prints it: as typed for lists (`0.9 0.999`), else its repr."""
+    if "shown" in f.metadata:
+        return f.metadata["shown"]
+    return " ".join(map(str, default)) if isinstance(default, (list, tuple)) else repr(default)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per config field (except `skip`); unset flags are absent from the parsed namespace."""
-    group = parser.add_argument_group("run settings (TranscoderConfig fields)")
+    """One flag per config field (except `skip`), in one argument group per settings group, each with the field's
+    description and default; unset flags are absent from the parsed namespace."""
+    from .config import GROUPS
+
+    groups = {g.name: parser.add_argument_group(f"settings: {g.title}") for g in GROUPS}
     for f in fields(TranscoderConfig):
         if f.name in skip:
             continue
+        group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         default = _field_default(f)
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {default!r}")
+        text = f"{f.metadata['help']} (default: {_shown_default(f, default)})".replace("%", "%%")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
         if f.name in LIST_FIELDS:
             group.add_argument(flag, nargs="+", type=LIST_FIELDS[f.name], **kw)
         elif f.name == "adam_betas":
@@ -176,149 +187,6 @@ def write_reports(reports: dict[str, dict], folder: Path, stem: str) -> None:
     print(f"wrote {folder / (stem + '.json')} and {folder / (stem + '.png')}")
 
 
-def train_command(args: argparse.Namespace) -> int:
-    if args.layers is not None:
-        return train_set_command(args)
-    if args.dry_run or args.memory:
-        raise UsageError("--dry-run and --memory plan a set; add --layers (all, A-B or A,B,C)")
-    from .colab import resolve_mirror_dir
-    from .lock import hold
-    from .preflight import check_before_model
-    from .settings import config_settings, make_configs
-
-    sources = [f"--config {path}" for path in args.config] or [""]
-    configs = make_configs(config_settings(args), sources)  # validate before loading a model
-    mirrors = [resolve_mirror_dir(cfg.drive_dir, cfg.run_name) for cfg in configs]
-    check_before_model(configs, args.resume, mirrors)
-    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes, and holds the lock
-    with hold([cfg.run_dir for cfg in configs] if writer else []):  # one process per run dir, before the model loads
-        return train_locked(args, configs, sources)
-
-
-def train_set_command(args: argparse.Namespace) -> int:
-    """`train --layers`: plan the set's passes before loading anything, print the plan, then train."""
-    from .colab import resolve_mirror_dir
-    from .language_model import load_language_model
-    from .lock import hold
-    from .distributed import init_process_group, launched_by_torchrun, leave_process_group
-    from .memory import device_capacity, memory_plan
-    from .preflight import check_before_model
-    from .sets import TranscoderSet, is_set, parse_layers, train_set
-    from .settings import set_config
-
-    if args.resume not in ("auto", "never"):
-        raise UsageError(f"--resume {args.resume}: a set resumes with 'auto' (or starts afresh with 'never')")
-    base, shape = set_config(args)
-    tset = TranscoderSet(base, parse_layers(args.layers, shape.n_layers))
-    if is_set(tset.set_dir):
-        tset.check_matches(TranscoderSet.load(tset.set_dir))
-    mirror_root = resolve_mirror_dir(base.drive_dir, base.run_name)
-    device, rank, world = resolve_device(base.device), 0, 1
-    if launched_by_torchrun() and not args.dry_run:  # layer-parallel: each process trains a share of every pass
-        rank, world, device = init_process_group(device)
-    finished, interrupted, fresh = tset.progress(mirror_root, fetch=rank == 0)
-    plan = memory_plan(tset.config, shape, fresh or tset.layers, *device_capacity(device, args.memory), ranks=world,
-                       on_cpu=device == "cpu" and not args.memory)
-    passes = ([interrupted] if interrupted else []) + (plan.passes if fresh else [])
-    if rank == 0:
-        print(plan.format())
-        if finished:
-            print(f"finished already: layers {','.join(map(str, finished))}")
-        if interrupted:
-            print(f"resuming the interrupted pass first: layers {','.join(map(str, interrupted))}")
-        if args.dry_run or not passes:
-            print(f"set_dir: {tset.set_dir}" + ("" if passes else " (every layer is finished)"))
-    if args.dry_run or not passes:
-        return 0
-    check_before_model([tset.layer_config(layer) for layer in tset.layers], args.resume,
-                       [tset.mirror_dir(layer, mirror_root) for layer in tset.layers])
-    try:
-        with hold([tset.set_dir] if rank == 0 else []):
-            bridge = load_language_model(base.model_name, device=device, dtype=base.model_dtype)
-            runs = []
-            return run_and_report(lambda: runs.extend(train_set(tset, passes, bridge, device, mirror_root, args.resume,
-                                                                progress=not args.no_progress, rank=rank, world=world)),
-                                  lambda: runs, set_dir=tset.set_dir if rank == 0 else None, set_mirror=mirror_root)
-    finally:
-        if world > 1:
-            leave_process_group()
-
-
-def train_locked(args: argparse.Namespace, configs: list[TranscoderConfig], sources: list[str]) -> int:
-    from .distributed import init_process_group, launched_by_torchrun, leave_process_group
-    from .transcoder import LOCAL
-
-    device = resolve_device(configs[0].device)
-    reduction, rank, parallel = LOCAL, 0, {}
-    if launched_by_torchrun():  # data-parallel: each rank computes and trains on its share of every batch
-        from .data_parallel import DataParallelStore
-        from .distributed import ProcessGroupReduction
-
-        rank, world, device = init_process_group(device)
-        reduction, parallel = ProcessGroupReduction(), dict(store_type=DataParallelStore, rank=rank, world=world)
-    try:
-        return train_on(args, configs, sources, device, reduction, rank, parallel)
-    finally:
-        leave_process_group()
-
-
-def train_on(args: argparse.Namespace, configs: list[TranscoderConfig], sources: list[str], device: str,
-             reduction, rank: int, parallel: dict) -> int:
-    from .activations import build_store
-    from .colab import resolve_mirror_dir
-    from .language_model import fit_config_to_model, load_language_model
-    from .settings import config_settings, make_configs
-    from .train import Trainer
-
-    bridge = load_language_model(configs[0].model_name, device=device, dtype=configs[0].model_dtype)
-    configs = make_configs(config_settings(args, d_model=bridge.cfg.d_model), sources)
-    configs = [fit_config_to_model(cfg, bridge) for cfg in configs]
-    for cfg in configs:
-        print(f"{cfg.run_name}: {cfg.model_name} {cfg.source_hook} -> {cfg.target_hook}, d_in={cfg.d_in} "
-              f"d_out={cfg.d_out} d_sae={cfg.d_sae} prefixes={cfg.prefix_sizes} k={cfg.k}, "
-              f"{cfg.total_steps} steps of {cfg.batch_size} tokens on {device}", file=sys.stderr)
-    store = build_store(bridge, configs, buffer_device=device, **parallel)
-    mirrors = [resolve_mirror_dir(cfg.drive_dir, cfg.run_name) for cfg in configs]
-    trainer = Trainer(configs, store, device=device, mirror_dirs=mirrors, resume=args.resume,
-                      progress=not args.no_progress, reduction=reduction, writer=rank == 0)
-    return run_and_report(trainer.train, lambda: trainer.runs if rank == 0 else [])
-
-
-def run_and_report(train, runs, set_dir: Path | None = None, set_mirror: Path | None = None) -> int:
-    """Call `train()`, then print each run's final figures and where it is; the exit status says whether
-    training finished (0), stopped on a signal (128 + signal) or failed (1: non-finite or diverged)."""
-    from .train import DIVERGING_FVU, NonFiniteError, StopRequested, diverged
-
-    try:
-        train()
-    except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except StopRequested as stop:
-        print(str(stop), file=sys.stderr)
-        return 128 + stop.signum
-    for run in runs():
-        cfg, metrics = run.cfg, run.last_metrics
-        prefixes = " ".join(f"{metrics[f'fvu/prefix_{g}']:.3f}" for g in range(1, cfg.n_prefixes + 1))
-        print(f"{cfg.run_name}: final fvu={metrics['fvu']:.4f} (per prefix {prefixes}) l0={metrics['l0']:.1f} "
-              f"dead={metrics['dead_pct']:.1f}% tokens/s={metrics['tokens_per_s']:,.0f}")
-        if set_dir is None:
-            print(f"run_dir: {cfg.run_dir}")
-            if run.mirror.root is not None:
-                print(f"mirror_dir: {run.mirror.root}")
-    if set_dir is not None:
-        print(f"run_dir: {set_dir}")
-        if set_mirror is not None:
-            print(f"mirror_dir: {set_mirror}")
-    failed = [run.cfg.run_name for run in runs() if diverged(run)]
-    if failed:
-        print(f"error: {', '.join(failed)} diverged (FVU above {DIVERGING_FVU:g}, worse than predicting the mean, "
-              "and not improving at the end); the weights and checkpoints are kept, but retrain with a lower lr "
-              "or a longer warmup", file=sys.stderr)
-        return 1
-    return 0
-
-
 def samples_command(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
@@ -367,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = debug_requested() or getattr(args, "debug", False)
     try:
         if args.command == "train":
+            from .launch import train_command
+
             return train_command(args)
         if args.command == "eval":
             if args.run.endswith(".npz"):

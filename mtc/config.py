@@ -2,6 +2,8 @@
 
 Every setting lives here, is validated at construction (before any model or data is loaded) and
 round-trips through JSON losslessly, so `config.json` in a run dir is enough to rebuild the run.
+The fields are declared in groups (`GROUPS`), each with a one-sentence description that
+`python -m mtc train --help` shows; the lists of resumable and store-shared fields derive from them.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,42 @@ def _dtype_name(value: Any) -> Any:
     return text.removeprefix("torch.") if text.removeprefix("torch.") in DTYPE_NAMES else value
 
 
+@dataclass(frozen=True)
+class SettingGroup:
+    """One group of `TranscoderConfig` fields. Calling it declares a field of the group with its one-sentence
+    description, which `python -m mtc train --help` shows under the group's `title`.
+
+    A group also says what its fields are unless a field says otherwise: `resumable` (the field may change
+    when a run resumes: how and where a run computes and writes, not what it learns) and `store` (every
+    transcoder fed by one activation store must share the field)."""
+
+    name: str
+    title: str
+    resumable: bool = False
+    store: bool = False
+
+    def __call__(self, default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING,
+                 resumable: bool | None = None, store: bool | None = None, shown: str | None = None) -> Any:
+        """A dataclass field of this group; `shown` replaces the default that `--help` prints."""
+        metadata = {"group": self.name, "help": help,
+                    "resumable": self.resumable if resumable is None else resumable,
+                    "store": self.store if store is None else store}
+        if shown is not None:
+            metadata["shown"] = shown
+        return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+MODEL = SettingGroup("model", "language model and hooks")
+ARCHITECTURE = SettingGroup("architecture", "transcoder architecture")
+SPARSITY = SettingGroup("sparsity", "sparsity (BatchTopK, AuxK, JumpReLU threshold)")
+OPTIMISATION = SettingGroup("optimisation", "optimisation")
+DATA = SettingGroup("data", "data, batches and budget", store=True)
+COMPUTE = SettingGroup("compute", "compute (dtypes, device, kernels, prefetch: how a run computes, not what)",
+                       resumable=True)
+RUN = SettingGroup("run", "run and I/O (paths, logging, checkpoints, W&B, samples)", resumable=True)
+GROUPS = (MODEL, ARCHITECTURE, SPARSITY, OPTIMISATION, DATA, COMPUTE, RUN)
+
+
 @dataclass
 class TranscoderConfig:
     """Settings of one Matryoshka transcoder run.
@@ -51,75 +89,102 @@ class TranscoderConfig:
     at `target_hook` through `d_sae` latents. `prefix_sizes` are cumulative (`m_1 < ... < m_G = d_sae`);
     `prefix_sizes=[d_sae]` is a plain BatchTopK transcoder. Leave `prefix_sizes` empty to get
     `[d_sae]`.
+
+    The fields are grouped (`GROUPS`); each carries its group and description in its metadata. Access
+    stays flat (`cfg.d_sae`) and so does the JSON.
     """
 
     # --- language model and hooks
-    model_name: str = "google/gemma-2-2b"
-    source_hook: str = "blocks.12.ln2.hook_normalized"
-    target_hook: str = "blocks.12.hook_mlp_out"
+    model_name: str = MODEL(
+        "google/gemma-2-2b", "The language model whose activations are read: a Hugging Face id, a local folder, "
+        "or gemma-3-270m-offline.", store=True)
+    source_hook: str = MODEL("blocks.12.ln2.hook_normalized", "Hook whose activations the transcoder reads "
+                                                              "(its input).")
+    target_hook: str = MODEL("blocks.12.hook_mlp_out", "Hook whose activations the transcoder reconstructs "
+                                                       "(its output).")
 
     # --- transcoder architecture
-    d_in: int = 2304
-    d_out: int = 2304
-    d_sae: int = 18432
-    prefix_sizes: list[int] = field(default_factory=list)
-    prefix_weights: list[float] | None = None
-    k: int = 96
-    skip_connection: bool = False
-    kernels: str = "sparse"  # training maths: "sparse" (gradients touch selected entries only) or "dense" (reference)
-
-    # divide each hook's activations by a power of two bringing its mean norm near sqrt(d) (see mtc/scaling.py);
-    # saved models always work on raw activations
-    normalize_activations: str = "mean_norm"
+    d_in: int = ARCHITECTURE(2304, "Width of the source hook's activations (train reads it from the model).")
+    d_out: int = ARCHITECTURE(2304, "Width of the target hook's activations (train reads it from the model).")
+    d_sae: int = ARCHITECTURE(18432, "Number of latents.")
+    prefix_sizes: list[int] = ARCHITECTURE(
+        help="Cumulative latent counts of the nested Matryoshka prefixes, strictly increasing and ending at d_sae "
+        "(empty: one prefix [d_sae], a plain BatchTopK transcoder).", default_factory=list, shown="[d_sae]")
+    prefix_weights: list[float] | None = ARCHITECTURE(
+        None, "Weight of each prefix's FVU in the loss, normalised to sum 1 (None: equal weights).")
+    skip_connection: bool = ARCHITECTURE(
+        False, "Add a linear skip path from input to output (x @ W_skip, initialised to zero).")
+    normalize_activations: str = ARCHITECTURE(
+        "mean_norm", "'mean_norm' trains on each hook's activations divided by a scale from the first batch that "
+        "brings their mean norm to sqrt(d), 'none' on raw activations (saved models always work on raw "
+        "activations; see mtc/scaling.py).")
 
     # --- sparsity machinery
-    k_aux: int = 512
-    aux_coeff: float = 1 / 32
-    dead_after_tokens: int = 10_000_000
-    threshold_momentum: float = 0.99
-    calibration_tokens: int = 32_768  # tokens read after training (at most a tenth of the run's) to set the JumpReLU threshold so L0 = k; 0 keeps the moving average
+    k: int = SPARSITY(96, "Active latents per token on average: BatchTopK keeps the batch_size * k largest "
+                          "pre-activations of each batch.")
+    k_aux: int = SPARSITY(512, "Dead latents per token whose pre-activations the AuxK loss uses to reconstruct "
+                               "the remaining error.")
+    aux_coeff: float = SPARSITY(1 / 32, "Weight of the AuxK loss, which revives dead latents (0 disables it).")
+    dead_after_tokens: int = SPARSITY(10_000_000, "Tokens without firing after which a latent counts as dead "
+                                                  "(and enters the AuxK loss).")
+    threshold_momentum: float = SPARSITY(
+        0.99, "Momentum of the moving average of the smallest kept activation, which is the JumpReLU threshold "
+              "unless calibration_tokens sets it.")
+    calibration_tokens: int = SPARSITY(
+        32_768, "Tokens read after training (at most a tenth of the run's) to set the JumpReLU threshold so "
+                "that L0 = k (0 keeps the moving average).", resumable=True)
 
     # --- optimisation
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 100
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
+    lr: float = OPTIMISATION(3e-4, "Peak Adam learning rate, reached at the end of the warmup.")
+    min_lr: float = OPTIMISATION(3e-5, "Learning rate at the last step, reached by cosine decay from lr.")
+    warmup_steps: int = OPTIMISATION(100, "Steps of linear learning-rate warmup up to lr (0: none).")
+    adam_betas: tuple[float, float] = OPTIMISATION((0.9, 0.999), "Adam's beta1 and beta2.")
+    grad_clip: float = OPTIMISATION(1.0, "Largest gradient norm; larger gradients are scaled down to it.")
 
-    # --- batches and budget
-    batch_size: int = 4096  # token activations per optimiser step
-    total_tokens: int = 16_000_000
-    seq_len: int = 128  # tokens per packed context fed to the language model
-    model_batch_size: int = 32  # contexts per language-model forward pass
-    buffer_tokens: int = 262_144  # activations mixed in the shuffling buffer
-    prefetch: bool = False  # compute the next buffer fill in the background (holds two buffers; see docs)
+    # --- data, batches and budget (shared by every transcoder fed from one store)
+    dataset: str = DATA("HuggingFaceFW/fineweb-edu", "Training text: a Hugging Face dataset id (streamed), a "
+                                                     "local file or folder, or 'pydoc' (offline).")
+    dataset_split: str = DATA("train", "Split of a Hugging Face dataset to stream (local files and 'pydoc' "
+                                       "ignore it).")
+    text_column: str = DATA("text", "Column of the dataset's rows that holds the text.")
+    seq_len: int = DATA(128, "Tokens per packed context fed to the language model (BOS included).")
+    batch_size: int = DATA(4096, "Token activations per optimiser step.")
+    model_batch_size: int = DATA(32, "Contexts per language-model forward pass.")
+    buffer_tokens: int = DATA(262_144, "Token activations in the shuffling buffer that batches are drawn from.")
+    seed: int = DATA(0, "Seed of the transcoder's initialisation, the buffer's shuffling and the random "
+                        "sample contexts.")
+    total_tokens: int = DATA(16_000_000, "Training budget in token activations (total_tokens // batch_size "
+                                         "steps).", resumable=True)
 
-    # --- data
-    dataset: str = "HuggingFaceFW/fineweb-edu"  # a Hugging Face id (streamed), a local file/folder, or "pydoc" (offline)
-    dataset_split: str = "train"
-    text_column: str = "text"
+    # --- compute: dtypes, device, kernels (how a run computes, not what)
+    dtype: str = COMPUTE("float32", "Dtype of the transcoder's parameters and optimiser state.", resumable=False)
+    compute_dtype: str | None = COMPUTE(
+        None, "Dtype of the encoder and skip matmuls (None: as dtype; bfloat16 suits A100/L4/H100).")
+    model_dtype: str = COMPUTE("float32", "Dtype of the language model's forward pass.")
+    activation_dtype: str = COMPUTE("float32", "Dtype of the activations kept in the shuffling buffer.",
+                                    store=True)
+    device: str = COMPUTE("auto", "Device to train on ('auto': cuda when torch sees a GPU, else cpu).")
+    kernels: str = COMPUTE(
+        "sparse", "Training maths: 'sparse' (gradients touch the selected entries only) or 'dense' (the "
+                  "autograd reference), with the same loss and gradients.")
+    prefetch: bool = COMPUTE(False, "Compute the next buffer fill in the background (holds two buffers; see "
+                                    "docs/performance.md).", store=True)
 
-    # --- dtypes and device
-    dtype: str = "float32"  # transcoder parameters and optimiser state
-    compute_dtype: str | None = None  # the encoder and skip matmuls; None: as `dtype` ("bfloat16" suits A100/L4/H100)
-    model_dtype: str = "float32"  # language-model forward pass
-    activation_dtype: str = "float32"  # activations kept in the shuffling buffer
-    device: str = "auto"  # "auto" picks cuda when available, else cpu
-
-    # --- reproducibility, paths and logging
-    seed: int = 0
-    run_name: str = "mtc"
-    output_dir: str = "runs"
-    drive_dir: str = "auto"  # mirror for checkpoints: "auto" (Google Drive in Colab), "none", or a path
-    log_every: int = 50  # steps between metric lines (metrics.jsonl, W&B, progress bar)
-    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept in checkpoints/ (final/ is kept too)
-    wandb_mode: str = "auto"  # "auto" (online with an API key, else offline), "online", "offline", "disabled"
-    wandb_project: str = "mtc"
-    wandb_entity: str = ""
-    wandb_log_checkpoints: bool = False  # upload checkpoints as W&B artifacts (online only)
-    samples_every: int = 10  # steps between updates of the top-activating contexts (0: off)
-    samples_top_n: int = 16  # top contexts kept per latent
+    # --- run and I/O: paths, logging, checkpoints, W&B, samples
+    run_name: str = RUN("mtc", "Name of the run: its folder under output_dir and its W&B name.")
+    output_dir: str = RUN("runs", "Folder that holds the run folders.")
+    drive_dir: str = RUN("auto", "Mirror for checkpoints: 'auto' (Google Drive in Colab), 'none', or a folder "
+                                 "that gets the run's own folder.")
+    log_every: int = RUN(50, "Steps between metric lines (metrics.jsonl, W&B, progress bar).")
+    checkpoint_every: int = RUN(500, "Steps between checkpoints (one is always written at the end).")
+    keep_checkpoints: int = RUN(2, "Newest checkpoints kept locally and in the mirror (final/ is kept too).")
+    wandb_mode: str = RUN("auto", "W&B logging: 'auto' (online with an API key, else offline), 'online', "
+                                  "'offline' or 'disabled'.")
+    wandb_project: str = RUN("mtc", "W&B project to log to.")
+    wandb_entity: str = RUN("", "W&B entity (user or team) to log to (empty: your default entity).")
+    wandb_log_checkpoints: bool = RUN(False, "Upload checkpoints as W&B artifacts (online only).")
+    samples_every: int = RUN(10, "Steps between updates of each latent's top-activating contexts (0: off).")
+    samples_top_n: int = RUN(16, "Top-activating contexts kept per latent.")
 
     def __post_init__(self) -> None:
         for name in ("dtype", "compute_dtype", "model_dtype", "activation_dtype"):
@@ -147,6 +212,32 @@ class TranscoderConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
+
+    # ------------------------------------------------------------------ field groups
+    @classmethod
+    def fields_in(cls, group: str | SettingGroup) -> tuple[str, ...]:
+        """Names of the fields of `group` (a `SettingGroup` or its name), in declaration order."""
+        name = group.name if isinstance(group, SettingGroup) else group
+        if name not in {g.name for g in GROUPS}:
+            raise ValueError(f"unknown settings group {name!r}; use one of {', '.join(g.name for g in GROUPS)}")
+        return tuple(f.name for f in fields(cls) if f.metadata["group"] == name)
+
+    @classmethod
+    def description(cls, name: str) -> str:
+        """The one-sentence description of field `name` (what `--help` shows)."""
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def resumable_fields(cls) -> frozenset[str]:
+        """Fields that may differ between a checkpoint's config and the run resuming it: paths, logging,
+        budget and how the numbers are computed (a resumed run may land on another GPU)."""
+        return frozenset(f.name for f in fields(cls) if f.metadata["resumable"])
+
+    @classmethod
+    def store_fields(cls) -> tuple[str, ...]:
+        """Fields every transcoder fed by one activation store must share: the data group, the model and the
+        buffer's dtype and prefetching."""
+        return tuple(f.name for f in fields(cls) if f.metadata["store"])
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:

@@ -51,6 +51,58 @@ def _next_token_log_probs(logits: Tensor) -> Tensor:
     return F.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
+class PrefixStatistics:
+    """Held-out reconstruction statistics of every prefix, summed over batches of (source, target) rows.
+
+    `add` encodes a batch once with the full model (a prefix's JumpReLU latents are the first `m` columns
+    of the full model's latents), decodes each prefix (skip path included) and adds up, per prefix, the
+    residual sum of squares; per latent, how often it fired; and the parts of the target's pooled variance
+    around its mean over all rows. `evaluate` (hooks of a live model) and `quality.evaluate_cached` (stored
+    activations) both report from it."""
+
+    def __init__(self, prefix_sizes: list[int]):
+        self.prefix_sizes = list(prefix_sizes)
+        self.residual_sq = torch.zeros(len(self.prefix_sizes), dtype=torch.float64)
+        self.fired = torch.zeros(self.prefix_sizes[-1], dtype=torch.long)  # per latent, over all rows
+        self.y_sum: Tensor | float = 0.0  # [d_out] sum of the target, float64
+        self.y_sq: Tensor | float = 0.0  # sum of its squares
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, model: MatryoshkaTranscoder, x: Tensor, y: Tensor) -> None:
+        """Add one batch: `x [n, d_in]` and `y [n, d_out]` in the model's dtype and device."""
+        latents = model.encode(x)
+        skip = x @ model.W_skip if model.W_skip is not None else None
+        for g in range(len(self.prefix_sizes)):
+            y_hat = model.decode(latents, prefix=g + 1)  # reads the prefix's first m latents
+            if skip is not None:
+                y_hat = y_hat + skip
+            self.residual_sq[g] += float((y - y_hat).double().pow(2).sum())
+        self.fired += (latents > 0).sum(0).cpu()
+        self.y_sum = self.y_sum + y.double().sum(0)
+        self.y_sq = self.y_sq + y.double().pow(2).sum()
+        self.tokens += len(y)
+
+    @property
+    def total_variance(self) -> float:
+        """Sum of squares of the target around its mean over all rows added (pooled over batches)."""
+        return float(self.y_sq - self.y_sum.pow(2).sum() / self.tokens)
+
+    def rows(self, dense: bool = True) -> list[dict]:
+        """One row per prefix: `fvu`, `l0`, `dead_pct` (never fired on these rows) and, with `dense`,
+        `dense_pct` (fired on more than `DENSE_FREQUENCY` of them)."""
+        total_variance, rows = self.total_variance, []
+        for g, m in enumerate(self.prefix_sizes):
+            frequency = self.fired[:m].double() / self.tokens
+            row = {"prefix": g + 1, "latents": m, "fvu": float(self.residual_sq[g]) / total_variance,
+                   "l0": float(self.fired[:m].sum()) / self.tokens,
+                   "dead_pct": 100.0 * float((frequency == 0).double().mean())}
+            if dense:
+                row["dense_pct"] = 100.0 * float((frequency > DENSE_FREQUENCY).double().mean())
+            rows.append(row)
+        return rows
+
+
 class _Totals:
     """Token-weighted running sums of per-token losses."""
 
@@ -76,10 +128,7 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
     model.eval()
     G = cfg.n_prefixes
     totals = _Totals()
-    fired = torch.zeros(G, cfg.d_sae, dtype=torch.long)
-    residual_sq = torch.zeros(G, dtype=torch.float64)
-    variance_parts = []  # (y sums, y squared sums, count) per batch for the pooled variance
-    l0_sums = torch.zeros(G, dtype=torch.float64)
+    statistics = PrefixStatistics(cfg.prefix_sizes)
     device = bridge.cfg.device
     for start in range(0, len(contexts), batch_size):
         tokens = contexts[start:start + batch_size].to(device)
@@ -96,13 +145,7 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
 
         x = cache[source][keep].to(model.W_enc.dtype)
         y = cache[target][keep].to(model.W_enc.dtype)
-        variance_parts.append((y.double().sum(0), y.double().pow(2).sum(), len(y)))
-        for g in range(1, G + 1):
-            latents = model.encode(x, prefix=g)
-            active = latents > 0
-            fired[g - 1, :latents.shape[1]] += active.sum(0).cpu()
-            l0_sums[g - 1] += float(active.sum())
-            residual_sq[g - 1] += float((y - model(x, prefix=g)).double().pow(2).sum())
+        statistics.add(model, x, y)
 
         hooked: dict[str, Tensor] = {}  # the source activation of the pass in progress
 
@@ -131,29 +174,13 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
         if progress is not None:
             progress(len(tokens))
 
-    # pooled variance of the target around its mean over all evaluated tokens
-    y_sum = sum(p[0] for p in variance_parts)
-    y_sq = sum(p[1] for p in variance_parts)
-    n_tokens = sum(p[2] for p in variance_parts)
-    total_variance = float(y_sq - y_sum.pow(2).sum() / n_tokens)
-
     ce_clean, ce_zero = totals.mean("ce_clean"), totals.mean("ce_zero_ablation")
-    rows = []
-    for g in range(1, G + 1):
-        m = cfg.prefix_sizes[g - 1]
-        frequency = fired[g - 1, :m].double() / n_tokens
-        ce_spliced = totals.mean(f"ce_prefix_{g}")
-        rows.append({
-            "prefix": g, "latents": m,
-            "fvu": float(residual_sq[g - 1]) / total_variance,
-            "l0": float(l0_sums[g - 1]) / n_tokens,
-            "dead_pct": 100.0 * float((frequency == 0).double().mean()),
-            "dense_pct": 100.0 * float((frequency > DENSE_FREQUENCY).double().mean()),
-            "ce_spliced": ce_spliced,
-            "ce_loss_score": (ce_zero - ce_spliced) / (ce_zero - ce_clean),
-            "kl_div": totals.mean(f"kl_prefix_{g}"),
-        })
-    return {"tokens": n_tokens, "predicted_tokens": totals.count, "ce_clean": ce_clean,
+    rows = statistics.rows()
+    for row in rows:
+        ce_spliced = totals.mean(f"ce_prefix_{row['prefix']}")
+        row.update(ce_spliced=ce_spliced, ce_loss_score=(ce_zero - ce_spliced) / (ce_zero - ce_clean),
+                   kl_div=totals.mean(f"kl_prefix_{row['prefix']}"))
+    return {"tokens": statistics.tokens, "predicted_tokens": totals.count, "ce_clean": ce_clean,
             "ce_zero_ablation": ce_zero, "kl_zero_ablation": totals.mean("kl_zero_ablation"),
             "full": rows[-1], "prefixes": rows, "model": cfg.model_name, "source_hook": source,
             "target_hook": target, "k": cfg.k, "l0_over_k": rows[-1]["l0"] / cfg.k}

@@ -27,13 +27,13 @@ from safetensors.torch import load_file
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, atomic_write_bytes, check_state_matches, load
 from .config import TranscoderConfig, torch_dtype
+from .language_model import GEMMA_2_2B, default_hooks
 from .transcoder import MatryoshkaTranscoder
 
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 CIRCUIT_TRACER_CONFIG = "config.yaml"
 GEMMA_SCOPE_FILE = "params.npz"
 GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-GEMMA_2_2B = "google/gemma-2-2b"
 
 
 class JumpReLUTranscoder(MatryoshkaTranscoder):
@@ -164,9 +164,9 @@ def load_gemma_scope(source: str | Path, device: torch.device | str = "cpu",
     l0 = re.search(r"average_l0_(\d+)", str(source))
     d_in, d_sae = arrays["W_enc"].shape
     d_out = arrays["W_dec"].shape[1]
+    source_hook, target_hook = default_hooks(layer)
     fields: dict[str, Any] = dict(d_in=d_in, d_out=d_out, d_sae=d_sae, model_name=GEMMA_2_2B,
-                                  source_hook=f"blocks.{layer}.ln2.hook_normalized",
-                                  target_hook=f"blocks.{layer}.hook_mlp_out")
+                                  source_hook=source_hook, target_hook=target_hook)
     if l0 and 1 <= int(l0.group(1)) <= d_sae:
         fields["k"] = int(l0.group(1))
     tensors = {key: torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)) for key in GEMMA_SCOPE_KEYS}

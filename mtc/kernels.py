@@ -48,29 +48,6 @@ def batch_topk_indices(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> tuple[
     return flat_indices // pre_acts.shape[1], flat_indices % pre_acts.shape[1]
 
 
-def shared_batch_topk_indices(pre_acts: Float[Tensor, "batch d_sae"], k: int,
-                              reduction) -> tuple[Tensor, Tensor]:
-    """BatchTopK over a batch shared between ranks: this rank's `(tokens, latents)` among the `k * batch`
-    largest entries of the whole batch. Every rank offers its own largest candidates; the `k * batch`-th
-    largest of all of them is the threshold. Zero entries are never kept (they would be inert picks).
-    `reduction` is a `mtc.transcoder.BatchReduction` over the ranks."""
-    n_global = int(reduction.sum(torch.tensor(pre_acts.shape[0], device=pre_acts.device)))
-    flat = pre_acts.flatten()
-    n_keep = k * n_global
-    candidates = flat.topk(min(n_keep, flat.numel()), sorted=False).values
-    everyone = reduction.gather(candidates)
-    threshold = everyone.topk(min(n_keep, everyone.numel()), sorted=False).values.min()
-    above = (flat > threshold) & (flat > 0)
-    tied = ((flat == threshold) & (flat > 0)).nonzero().squeeze(1)
-    # exactly k * batch entries, as one process keeps: entries equal to the threshold (duplicated tokens
-    # give exact ties) are handed out in rank order
-    n_tied = reduction.gather(torch.tensor([len(tied)], device=flat.device))
-    wanted = n_keep - int(reduction.sum(above.sum()))
-    before = int(n_tied[:reduction.rank].sum())
-    kept = torch.cat([above.nonzero().squeeze(1), tied[:max(0, min(len(tied), wanted - before))]])
-    return kept // pre_acts.shape[1], kept % pre_acts.shape[1]
-
-
 def aux_k_indices(pre_acts: Float[Tensor, "batch d_sae"], dead_mask: Float[Tensor, " d_sae"],
                   k_aux: int) -> tuple[Tensor, Tensor]:
     """`(tokens, latents)` of each token's `k_aux` largest pre-activations among dead latents (AuxK);

@@ -24,6 +24,21 @@ import tempfile
 from pathlib import Path
 
 OFFLINE_MODEL = "gemma-3-270m-offline"
+GEMMA_2_2B = "google/gemma-2-2b"
+GEMMA_2_9B = "google/gemma-2-9b"
+
+# Hub models known without a download: the fields of their config.json. `memory.model_shape` plans memory from
+# them, and `random_model.random_language_model` builds the architecture with random weights from them.
+HUB_MODELS: dict[str, dict] = {
+    GEMMA_2_2B: dict(model_type="gemma2", vocab_size=256_000, hidden_size=2304, intermediate_size=9216,
+                     num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                     max_position_embeddings=8192, sliding_window=4096, query_pre_attn_scalar=256,
+                     final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    GEMMA_2_9B: dict(model_type="gemma2", vocab_size=256_000, hidden_size=3584, intermediate_size=14336,
+                     num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                     max_position_embeddings=8192, sliding_window=4096, query_pre_attn_scalar=256,
+                     final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+}
 
 SITES = {
     "mlp_in_normalized": "ln2.hook_normalized",
@@ -58,6 +73,24 @@ def hook_layer(name: str) -> int:
     """The block a hook lives in (hooks before the first block count as layer 0)."""
     match = _BLOCK_HOOK.match(name)
     return int(match.group(1)) if match else 0
+
+
+_RESIDUAL_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
+                   "ln1.hook_normalized", "ln2.hook_normalized", "mlp.hook_in", "mlp.hook_out")
+_MLP_SITES = ("mlp.hook_pre", "mlp.hook_post")
+
+
+def hook_width(hook: str, d_model: int, d_mlp: int) -> int | None:
+    """The width of `hook`'s activations as a model's config.json tells it, without loading the model: the
+    residual stream's (`d_model`) for the residual, attention and MLP input/output hooks, the MLP's hidden width
+    (`d_mlp`) for `mlp.hook_pre`/`mlp.hook_post`; None for any other hook (measure it on the loaded model with
+    `hook_widths`)."""
+    site = hook.split(".", 2)[2] if _BLOCK_HOOK.match(hook) else None
+    if site in _RESIDUAL_SITES:
+        return d_model
+    if site in _MLP_SITES:
+        return d_mlp
+    return None
 
 
 def stop_layer(hook_names: list[str]) -> int:
@@ -194,46 +227,3 @@ def explain_load_error(name: str, err: Exception) -> str:
         return (f"could not download {name}: no network ({text}). Connect to the internet, pass a local "
                 f"folder, or use {OFFLINE_MODEL!r}, which needs none.")
     return f"could not load {name}: {shorten(full, 500)}"
-
-
-# Shapes of hub models, so throughput can be measured with random weights and no download.
-ARCHITECTURES = {
-    "google/gemma-2-2b": dict(
-        model_type="gemma2", vocab_size=256_000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
-        sliding_window=4096, query_pre_attn_scalar=256, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
-}
-
-
-def random_language_model(name: str, device: str = "cpu", dtype: str = "float32"):
-    """A `TransformerBridge` with `name`'s architecture and random weights, for throughput benchmarks:
-    the cost of a forward pass does not depend on the weights. `name` is a model of `ARCHITECTURES` or a
-    local folder / the offline model (its config.json is used). The tokenizer is the small byte-level
-    BPE of `mtc.testing`, so token ids stay below 512."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .config import torch_dtype
-    from .testing import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id)
-    if name in ARCHITECTURES:
-        shape = dict(ARCHITECTURES[name])
-        config = AutoConfig.for_model(shape.pop("model_type"), **shape, **special)
-    elif name == OFFLINE_MODEL or Path(name).expanduser().is_dir():
-        config = AutoConfig.from_pretrained(resolve_model_path(name), **special)
-    else:
-        raise ValueError(f"no known architecture for {name!r}; random weights work for {', '.join(ARCHITECTURES)}, "
-                         f"{OFFLINE_MODEL!r} and local model folders")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype)).eval()
-    with tempfile.TemporaryDirectory(prefix="mtc-random-") as folder:
-        config.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        bridge = TransformerBridge.boot_transformers(folder, hf_model=model, device=device,
-                                                     dtype=torch_dtype(dtype))
-    return bridge.eval()

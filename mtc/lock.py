@@ -2,8 +2,8 @@
 
 `hold(run_dir)` takes an advisory lock (`fcntl.flock`) on `<run_dir>/.lock`. The operating system
 releases it when the process ends, however it ends (SIGKILL included), so a crashed run never blocks
-the next one; a second process asking for a held run dir is refused at once. Holding is counted per
-process, so the command line can lock before loading the model and the trainer again inside.
+the next one; a second process asking for a held run dir is refused at once. `python -m mtc train` takes it
+before loading the model (`mtc.launch`); holding is counted per process, so a caller may nest holds.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TranscoderConfig
+from .language_model import HUB_MODELS, resolve_model_path
+from .parallel import split
 
 GiB = 2**30
 HEADROOM = 0.9  # share of the device a plan may fill
@@ -62,22 +64,12 @@ class ModelShape:
         return cls(n_layers, d_model, d_mlp, n_heads, n_kv, head_dim, vocab, n_params)
 
 
-# Hub models planned without a download (their config.json fields).
-KNOWN_MODELS = {
-    "google/gemma-2-2b": dict(hidden_size=2304, num_hidden_layers=26, intermediate_size=9216, num_attention_heads=8,
-                              num_key_value_heads=4, head_dim=256, vocab_size=256_000),
-    "google/gemma-2-9b": dict(hidden_size=3584, num_hidden_layers=42, intermediate_size=14336,
-                              num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256_000),
-}
-
-
 def model_shape(name: str) -> ModelShape:
-    """The shape of `name`: a known hub model, a local folder (`config.json`, and the exact parameter count
-    from its safetensors headers), or a hub id whose `config.json` can be fetched."""
-    if name in KNOWN_MODELS:
-        return ModelShape.from_hf_config(KNOWN_MODELS[name])
-    from .language_model import resolve_model_path
-
+    """The shape of `name`, with no weights loaded: a hub model of `language_model.HUB_MODELS` (no download),
+    a local folder (`config.json`, and the exact parameter count from its safetensors headers), or a hub id
+    whose `config.json` can be fetched."""
+    if name in HUB_MODELS:
+        return ModelShape.from_hf_config(HUB_MODELS[name])
     path = Path(resolve_model_path(name))
     if path.is_dir():
         return ModelShape.from_hf_config(json.loads((path / "config.json").read_text()), _count_parameters(path))
@@ -225,17 +217,6 @@ def describe_layers(layers: list[int]) -> str:
     if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}-{layers[-1]}"
     return ",".join(map(str, layers))
-
-
-def split(items: list, parts: int) -> list[list]:
-    """`items` cut into `parts` contiguous runs, the first ones one longer when they do not divide evenly."""
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (i < extra)
-        out.append(items[start:end])
-        start = end
-    return out
 
 
 def memory_plan(cfg: TranscoderConfig, shape: ModelShape, layers: list[int], device: str,

@@ -1,11 +1,9 @@
 """Named starting points for common runs. A preset is a set of `TranscoderConfig` fields; `d_in` and
-`d_out` are always read from the loaded model, and a `d_sae` of None means "8 x the model width"."""
+`d_out` always come from the model (`mtc.launch` reads them from its config.json), and a `d_sae` of None means "8 x the model width"."""
 
 from __future__ import annotations
 
-from .language_model import OFFLINE_MODEL, default_hooks, hook_name
-
-GEMMA2_2B = "google/gemma-2-2b"
+from .language_model import GEMMA_2_2B, OFFLINE_MODEL, default_hooks, hook_name
 
 
 def matryoshka_prefixes(d_sae: int) -> list[int]:
@@ -27,7 +25,7 @@ def width_scaled_lr(d_sae: int) -> float:
 def _gemma2(layer: int, d_sae: int, steps: int, **extra) -> dict:
     source, target = default_hooks(layer)
     lr = width_scaled_lr(d_sae)
-    return dict(model_name=GEMMA2_2B, source_hook=source, target_hook=target, d_sae=d_sae,
+    return dict(model_name=GEMMA_2_2B, source_hook=source, target_hook=target, d_sae=d_sae,
                 prefix_sizes=matryoshka_prefixes(d_sae), k=96, batch_size=4096, total_tokens=steps * 4096,
                 warmup_steps=min(200, steps // 10), lr=lr, min_lr=lr / 10, seq_len=128, model_batch_size=32,
                 buffer_tokens=262_144, dataset="HuggingFaceFW/fineweb-edu", run_name=f"gemma2-2b-l{layer}",
@@ -60,7 +58,7 @@ def preset_for(preset: str | None, layer: int | None, model_name: str | None) ->
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         return preset
-    if layer in LAYER_PRESETS and model_name in (None, GEMMA2_2B):
+    if layer in LAYER_PRESETS and model_name in (None, GEMMA_2_2B):
         return LAYER_PRESETS[layer]
     return None
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from .activations import ActivationBatch, build_store
 from .config import TranscoderConfig
 from .data import special_token_ids
-from .evaluate import held_out_contexts
+from .evaluate import PrefixStatistics, held_out_contexts
 from .transcoder import MatryoshkaTranscoder
 
 
@@ -115,25 +115,12 @@ class CachedStore:
 @torch.no_grad()
 def evaluate_cached(model: MatryoshkaTranscoder, cache: ActivationCache, batch_size: int = 4096) -> dict:
     """Held-out FVU per prefix (pooled over all held-out tokens), L0 and dead share of the JumpReLU model."""
-    cfg = model.cfg
-    y_all = cache.eval_target.double()
-    total_variance = float((y_all - y_all.mean(0)).pow(2).sum())
-    residual = torch.zeros(cfg.n_prefixes, dtype=torch.float64)
-    fired = torch.zeros(cfg.d_sae, dtype=torch.long)  # per latent; a prefix's latents are its first m
+    statistics = PrefixStatistics(model.cfg.prefix_sizes)
     for start in range(0, len(cache.eval_source), batch_size):
-        x = cache.eval_source[start:start + batch_size].to(model.W_enc)
-        y = cache.eval_target[start:start + batch_size].to(model.W_enc)
-        latents = model.encode(x)  # each prefix's latents are the first columns: encode once
-        skip = x @ model.W_skip if model.W_skip is not None else 0.0
-        for g, m in enumerate(cfg.prefix_sizes):
-            y_hat = model.decode(latents[:, :m], prefix=g + 1) + skip
-            residual[g] += float((y - y_hat).double().pow(2).sum())
-        fired += (latents > 0).sum(0).cpu()
-    n = len(cache.eval_source)
-    rows = [{"prefix": g + 1, "latents": m, "fvu": float(residual[g]) / total_variance,
-             "l0": float(fired[:m].sum()) / n, "dead_pct": 100.0 * float((fired[:m] == 0).double().mean())}
-            for g, m in enumerate(cfg.prefix_sizes)]
-    return {"full": rows[-1], "prefixes": rows, "tokens": n}
+        statistics.add(model, cache.eval_source[start:start + batch_size].to(model.W_enc),
+                       cache.eval_target[start:start + batch_size].to(model.W_enc))
+    rows = statistics.rows(dense=False)
+    return {"full": rows[-1], "prefixes": rows, "tokens": statistics.tokens}
 
 
 def train_cached(cfg: TranscoderConfig, cache: ActivationCache, device: str = "cpu") -> dict:

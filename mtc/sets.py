@@ -22,10 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import WEIGHTS_FILE, atomic_write_bytes, config_differences, list_checkpoints
+from .checkpoint import WEIGHTS_FILE, atomic_write_bytes, config_differences, run_checkpoints
 from .config import TranscoderConfig
 from .language_model import default_hooks
-from .memory import describe_layers, split
+from .memory import describe_layers
+from .parallel import Process, held_by_every_rank, split, store_for
+from .resume import ResumePoint, decide_resume
 
 SET_FILE = "set.json"
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -136,9 +138,7 @@ class TranscoderSet:
         return False
 
     def started(self, layer: int, mirror_root: Path | None = None) -> bool:
-        mirrored = self.mirror_dir(layer, mirror_root)
-        return bool(list_checkpoints(layer_dir(self.set_dir, layer))
-                    or (mirrored is not None and mirrored.is_dir() and list_checkpoints(mirrored)))
+        return bool(run_checkpoints(layer_dir(self.set_dir, layer), self.mirror_dir(layer, mirror_root)))
 
     def progress(self, mirror_root: Path | None = None, fetch: bool = True) -> tuple[list[int], list[int], list[int]]:
         """(finished, interrupted, not started) layers."""
@@ -148,44 +148,63 @@ class TranscoderSet:
         return finished, interrupted, fresh
 
 
-def train_set(tset: TranscoderSet, passes: list[list[int]], bridge, device: str, mirror_root: Path | None,
-              resume: str = "auto", progress: bool = True, rank: int = 0, world: int = 1) -> list:
-    """Train `passes` (lists of layers of `tset`) one after another; returns the `mtc.train.Run` of every layer
-    this process trained. The layers of a pass share one activation store, so one language-model forward
-    feeds them all; under `torchrun` (`world` > 1) each rank trains its share of every pass (see
-    `mtc.layer_parallel`)."""
-    from .activations import build_store
-    from .language_model import fit_config_to_model
+def agree_on_checkpoints(run_dirs: list[Path], mirror_dirs: list[Path | None]) -> None:
+    """Before a layer-parallel pass resumes, set aside (as `checkpoints/.unmatched-step_<N>`) every checkpoint
+    newer than the newest step that all ranks hold for all their layers: a rank killed while writing leaves
+    that step incomplete for the set, and all ranks must continue from the same step."""
+    held = [set(run_checkpoints(run_dir, mirror)) for run_dir, mirror in zip(run_dirs, mirror_dirs)]
+    newest = max(held_by_every_rank(set.intersection(*held) if held else set()), default=-1)
+    for folder in [*run_dirs, *mirror_dirs]:
+        for step, path in (run_checkpoints(folder) if folder is not None else {}).items():
+            if step > newest:
+                print(f"note: {path} is set aside as .unmatched-{path.name}: another rank has no checkpoint of "
+                      f"that step", file=sys.stderr)
+                path.rename(path.with_name(f".unmatched-{path.name}"))
+
+
+def pass_share(layers: list[int], process: Process) -> list[int]:
+    """The layers of a pass this process trains: all of them, or under torchrun its contiguous share (the split
+    `mtc.parallel.store_for` makes)."""
+    return split(layers, process.world)[process.rank]
+
+
+def decide_pass_resume(tset: TranscoderSet, layers: list[int], process: Process, mirror_root: Path | None,
+                       resume: str) -> ResumePoint | None:
+    """Where this process's layers of a pass continue from (`mtc.resume.decide_resume`); under torchrun the ranks
+    first agree on a step all of them hold."""
+    mine = pass_share(layers, process)
+    mirrors = [tset.mirror_dir(layer, mirror_root) for layer in mine]
+    if process.world > 1:
+        agree_on_checkpoints([layer_dir(tset.set_dir, layer) for layer in mine], mirrors)
+    return decide_resume([tset.layer_config(layer) for layer in mine], resume, mirrors)
+
+
+def train_set(tset: TranscoderSet, passes: list[list[int]], resumes: list[ResumePoint | None], bridge,
+              process: Process, mirror_root: Path | None, progress: bool = True) -> list:
+    """Train `passes` (lists of layers of `tset`) one after another, each from its resume point (`resumes`, see
+    `decide_pass_resume`); returns the `mtc.train.Run` of every layer this process trained. The layers of a pass
+    share one activation store, so one language-model forward feeds them all; under `torchrun` each rank trains
+    its share of every pass and writes its layers' run dirs itself (layer-parallel, see `mtc.parallel`)."""
     from .train import Trainer
 
-    if rank == 0:
+    if process.writer:
         tset.save()
     runs = []
-    for number, layers in enumerate(passes, 1):
+    for number, (layers, resume) in enumerate(zip(passes, resumes), 1):
         start = time.perf_counter()
-        configs = [fit_config_to_model(tset.layer_config(layer), bridge) for layer in layers]
-        if world == 1:
-            mine, store = layers, build_store(bridge, configs, buffer_device=device)
-        else:
-            from .layer_parallel import LayerParallelStore, agree_on_checkpoints
-
-            shares = split(layers, world)
-            mine = shares[rank]
-            pairs = {layer: (cfg.source_hook, cfg.target_hook) for layer, cfg in zip(layers, configs)}
-            store = build_store(bridge, configs, buffer_device=device, store_type=LayerParallelStore,
-                                owned=[[pairs[layer] for layer in share] for share in shares])
-            agree_on_checkpoints([layer_dir(tset.set_dir, layer) for layer in mine],
-                                 [tset.mirror_dir(layer, mirror_root) for layer in mine])
-        if rank == 0:
+        configs = [tset.layer_config(layer) for layer in layers]  # widths checked by the launch (mtc.launch)
+        store, my_configs = store_for(bridge, configs, process, layer_parallel=True)
+        mirrors = [tset.mirror_dir(layer, mirror_root) for layer in pass_share(layers, process)]
+        if process.writer:
+            shares = " | ".join(describe_layers(share) for share in split(layers, process.world))
             print(f"pass {number}/{len(passes)}: layers {describe_layers(layers)}"
-                  + (f" ({world} ranks: {' | '.join(describe_layers(s) for s in split(layers, world))})"
-                     if world > 1 else ""), file=sys.stderr)
-        trainer = Trainer([cfg for layer, cfg in zip(layers, configs) if layer in mine], store, device=device,
-                          resume=resume, progress=progress and rank == 0,
-                          mirror_dirs=[tset.mirror_dir(layer, mirror_root) for layer in mine])
+                  + (f" ({process.world} ranks: {shares})" if process.world > 1 else ""), file=sys.stderr)
+        # no `process`: each rank trains its own layers on whole batches and writes their run dirs itself
+        trainer = Trainer(my_configs, store, device=process.device, resume=resume,
+                          progress=progress and process.writer, mirror_dirs=mirrors)
         trainer.train()
         runs.extend(trainer.runs)
-        if rank == 0:
+        if process.writer:
             print(f"pass {number}/{len(passes)} done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return runs
 

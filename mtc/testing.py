@@ -1,9 +1,11 @@
-"""Tiny random language models built offline, for tests and quick CPU runs.
+"""Test fakes: tiny random language models built offline, and a synthetic activation store.
 
 `tiny_model(folder, arch)` writes a small `transformers` model (Gemma-2, Gemma-3 or GPT-2 architecture)
-and a small byte-level BPE tokenizer into `folder`, with no network access. The folder loads like any
-Hugging Face model folder, so every code path (hook resolution, the activation store, training) is
-exercised exactly as with a real model.
+and the byte-level BPE tokenizer of `mtc.random_model.tiny_tokenizer` into `folder`, with no network
+access. The folder loads like any Hugging Face model folder, so every code path (hook resolution, the
+activation store, training) is exercised exactly as with a real model.
+
+Only tests import this module; no module of the package does (tests/test_structure.py checks it).
 """
 
 from __future__ import annotations
@@ -11,31 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .random_model import tiny_tokenizer  # noqa: F401  (tests import it from here too)
+
 TINY_ARCHS = ("gemma2", "gemma3", "gpt2")
-
-_TOKENIZER_TEXT = [
-    "the quick brown fox jumps over the lazy dog while a transcoder reads the residual stream",
-    "def f(x): return x * 2  # a function in Python with a comment and some numbers 0123456789",
-    "Sparse latents reconstruct the MLP output; every prefix of the Matryoshka must do it alone.",
-]
-
-
-def tiny_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with Gemma's special-token ids (pad 0, eos 1, bos 2, unk 3) that adds
-    BOS like Gemma's tokenizer does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_TOKENIZER_TEXT * 4, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
 
 
 def tiny_model(folder: str | Path, arch: str = "gemma2", n_layers: int = 3, d_model: int = 64,

@@ -9,7 +9,9 @@
 The pure maths (`batch_topk`, `decode_prefixes`, `fvu`, `aux_k_loss`) are plain functions on tensors;
 `MatryoshkaTranscoder` holds the parameters and the training-time statistics (threshold estimate,
 firing counters) and composes them. Training uses the faster, equivalent kernels of `mtc.kernels` by
-default; the functions here are the reference.
+default; the functions here are the reference. Every sum, mean and selection over "the batch" goes
+through a `mtc.parallel.BatchReduction`: the plain computation in one process, the whole batch's when
+ranks each hold a share of it.
 """
 
 from __future__ import annotations
@@ -22,38 +24,11 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .config import TranscoderConfig, torch_dtype
-from .kernels import (SelectedPreActivations, aux_k_indices, batch_topk_indices, decode_prefixes_sparse,
-                      nested_sums, shared_batch_topk_indices)
+from .kernels import SelectedPreActivations, aux_k_indices, decode_prefixes_sparse, nested_sums
+from .parallel import LOCAL, BatchReduction
 
 
 # ---------------------------------------------------------------------- pure maths
-class BatchReduction:
-    """Sums and extremes over the whole training batch. In one process the batch is all here, so every
-    method is the identity; data-parallel training (`mtc.data_parallel`) reduces over the ranks that
-    each hold a share of the batch, so every rank computes the global batch's losses and statistics."""
-
-    world_size, rank = 1, 0
-
-    def sum(self, t: Tensor) -> Tensor:
-        return t
-
-    def min(self, t: Tensor) -> Tensor:
-        return t
-
-    def max(self, t: Tensor) -> Tensor:
-        return t
-
-    def gather(self, t: Tensor) -> Tensor:
-        """The rows of `t` of every rank, concatenated in rank order."""
-        return t
-
-    def sum_gradients(self, parameters) -> None:
-        """Sum every parameter's gradient over the ranks (each holds its part of the batch loss's)."""
-
-
-LOCAL = BatchReduction()
-
-
 def batch_topk(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, Tensor]:
     """Keep the `k * batch` largest entries over the whole batch, zero the rest.
 
@@ -88,12 +63,7 @@ def fvu(y: Float[Tensor, "batch d"], y_hat: Float[Tensor, "*prefix batch d"],
     """Fraction of variance unexplained, `sum((y - y_hat)^2) / sum((y - mean_batch(y))^2)`.
     A leading prefix dimension on `y_hat` gives one FVU per prefix. With a share of the batch
     (`reduction` over ranks) it is this share's part of the batch's FVU: the parts sum to it."""
-    if reduction.world_size == 1:
-        total_variance = (y - y.mean(0)).pow(2).sum()
-    else:
-        mean = reduction.sum(y.sum(0)) / reduction.sum(y.new_tensor(float(y.shape[0])))
-        total_variance = reduction.sum((y - mean).pow(2).sum())
-    return (y - y_hat).pow(2).sum(dim=(-2, -1)) / total_variance
+    return (y - y_hat).pow(2).sum(dim=(-2, -1)) / reduction.total_variance(y)
 
 
 def straight_through_relu(t: Tensor) -> Tensor:
@@ -140,7 +110,7 @@ class TrainingOutput:
     # the BatchTopK activations, detached: `values[i]` at `(tokens[i], latents[i])` of a `[n_tokens, d_sae]` batch
     active: tuple[Tensor, Tensor, Tensor] | None = None
     n_tokens: int = 0
-    batch_loss: Tensor | None = None  # data-parallel: the whole batch's loss (`loss` is this rank's part)
+    batch_loss: Tensor | None = None  # the whole batch's loss (with a share of the batch, `loss` is this share's part)
 
     @property
     def reported_loss(self) -> Tensor:
@@ -266,34 +236,29 @@ class MatryoshkaTranscoder(nn.Module):
 
         `cfg.kernels="sparse"` selects entries without autograd and lets gradients reach only the
         selected entries (encoder and decoder); `"dense"` is the plain autograd reference. Both give
-        the same loss and gradients. With `reduction` over ranks that each hold a share of the batch
-        (sparse kernels only), BatchTopK, the FVUs, L0 and the statistics are those of the whole batch,
-        and `loss` is this share's part of the batch's loss: the ranks' gradients sum to its gradient."""
+        the same loss and gradients. With `reduction` over ranks that each hold a share of the batch,
+        BatchTopK, the FVUs, L0 and the statistics are those of the whole batch, and `loss` is this share's
+        part of the batch's loss: the ranks' gradients sum to its gradient. The dense reference needs the
+        whole batch in this process; a share of a batch always trains with the sparse kernels."""
         x = self._as_tokens(x, self.cfg.d_in, "x")
         y = self._as_tokens(y, self.cfg.d_out, "y")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y must hold the same tokens, got {x.shape[0]} and {y.shape[0]}")
         dead_mask = self.tokens_since_fired >= self.cfg.dead_after_tokens
-        if reduction.world_size > 1:
-            y_hats, aux, (tokens, latents, values) = self._sparse_losses(x, y, dead_mask, reduction)
+        if self.cfg.kernels == "dense" and reduction.whole_batch:
+            y_hats, aux, (tokens, latents, values) = self._dense_losses(x, y, dead_mask)
         else:
-            losses = self._sparse_losses if self.cfg.kernels == "sparse" else self._dense_losses
-            y_hats, aux, (tokens, latents, values) = losses(x, y, dead_mask)
+            y_hats, aux, (tokens, latents, values) = self._sparse_losses(x, y, dead_mask, reduction)
         fvu_per_prefix = fvu(y, y_hats, reduction)
         main = (fvu_per_prefix * self.prefix_weights).sum()
 
         values = values.detach()
         firing = values > 0
-        n_tokens = int(reduction.sum(torch.tensor(x.shape[0], device=x.device))) if reduction.world_size > 1 \
-            else x.shape[0]
+        n_tokens = reduction.count(x)
         if update_stats:
             smallest_kept = torch.where(firing, values, torch.inf).min() if len(values) else values.new_tensor(torch.inf)
-            fired = latents[firing]
-            if reduction.world_size > 1:
-                smallest_kept = reduction.min(smallest_kept)
-                fired = reduction.max(torch.zeros(self.cfg.d_sae, device=x.device).index_fill_(0, fired, 1))
-                fired = fired.nonzero().squeeze(1)
-            self._update_stats(fired, n_tokens, smallest_kept)
+            fired = reduction.fired(latents[firing], self.cfg.d_sae)
+            self._update_stats(fired, n_tokens, reduction.min(smallest_kept))
         loss = main + self.cfg.aux_coeff * aux
         return TrainingOutput(
             loss=loss,
@@ -304,7 +269,7 @@ class MatryoshkaTranscoder(nn.Module):
             d_sae=self.cfg.d_sae,
             active=(tokens, latents, values),
             n_tokens=x.shape[0],
-            batch_loss=reduction.sum(loss.detach()) if reduction.world_size > 1 else None,
+            batch_loss=reduction.sum(loss.detach()),
         )
 
     def _encoder_matmul(self, x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
@@ -319,10 +284,7 @@ class MatryoshkaTranscoder(nn.Module):
             pre_acts = self._encoder_matmul(x, self.W_enc, self.b_enc)
         aux_tokens, aux_latents = aux_k_indices(pre_acts, dead_mask, self.cfg.k_aux)  # ranked before the ReLU
         pre_acts.relu_()
-        if reduction.world_size > 1:
-            tokens, latents = shared_batch_topk_indices(pre_acts, self.cfg.k, reduction)
-        else:
-            tokens, latents = batch_topk_indices(pre_acts, self.cfg.k)
+        tokens, latents = reduction.batch_topk(pre_acts, self.cfg.k)
         # one autograd node for both selections: an entry picked twice gets both gradients, as in dense
         both = SelectedPreActivations.apply(pre_acts, x, self.W_enc, self.b_enc, torch.cat([tokens, aux_tokens]),
                                             torch.cat([latents, aux_latents]), len(tokens))
@@ -331,10 +293,10 @@ class MatryoshkaTranscoder(nn.Module):
                                         self.cfg.prefix_sizes)
         if self.W_skip is not None:
             y_hats = y_hats + self._encoder_matmul(x, self.W_skip).to(y_hats.dtype)
-        if len(aux_tokens) == 0 and not (reduction.world_size > 1 and dead_mask.any()):
+        if reduction.count(aux_tokens) == 0:
             return y_hats, x.new_zeros((), dtype=self.W_dec.dtype), (tokens, latents, values)
         per_token = aux_values.view(x.shape[0], -1) if len(aux_values) else aux_values.view(0, 0)
-        if len(aux_values) == 0:  # data-parallel: this rank holds no token of the batch
+        if len(aux_values) == 0:  # this share of the batch holds no token
             aux_reconstruction = self.W_dec.new_zeros(0, self.cfg.d_out)
         elif per_token.shape[1] > self.cfg.d_sae // 16:
             # AuxK over a large share of the latents (small models, many dead): a dense matrix product

@@ -187,3 +187,12 @@ def test_resume_with_prefetch_is_exact(gemma2_bridge):
     served(resumed, 2)  # a store that had moved on (and started prefetching) is rewound
     resumed.load_state_dict(state)
     assert same_batches(expected, served(resumed, 9))
+
+
+def test_the_store_reports_each_forward_pass_tokens_to_its_progress(gemma2_bridge):
+    store = build_store(gemma2_bridge, [config()])
+    reported = []
+    store.progress = reported.append
+    store.next_batch()
+    assert len(reported) == store._fill.n_contexts // 4 + (store._fill.n_contexts % 4 > 0)  # one per forward pass
+    assert sum(reported) == len(store._fill.order)  # every kept token of the fill, BOS excluded

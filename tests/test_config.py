@@ -97,3 +97,76 @@ def test_configs_written_with_the_old_decoder_field_still_load():
     del data["kernels"]
     data["decoder"] = "dense"
     assert TranscoderConfig.from_dict(data).kernels == "dense"
+
+
+# ---------------------------------------------------------------------- field groups and --help
+RESUMABLE = {"total_tokens", "output_dir", "drive_dir", "log_every", "checkpoint_every", "keep_checkpoints",
+             "wandb_mode", "wandb_project", "wandb_entity", "wandb_log_checkpoints", "device", "run_name",
+             "samples_every", "samples_top_n", "model_dtype", "activation_dtype", "compute_dtype", "kernels",
+             "prefetch", "calibration_tokens"}
+STORE = {"model_name", "dataset", "dataset_split", "text_column", "seq_len", "batch_size", "model_batch_size",
+         "buffer_tokens", "activation_dtype", "seed", "total_tokens", "prefetch"}
+
+
+def test_every_field_has_a_group_and_a_one_sentence_description():
+    from dataclasses import fields
+
+    from mtc.config import GROUPS
+
+    names = {g.name for g in GROUPS}
+    for f in fields(TranscoderConfig):
+        assert f.metadata.get("group") in names, f.name
+        text = f.metadata.get("help", "")
+        assert text.strip() and text.endswith(".") and "\n" not in text, f.name
+        assert not any(text[i + 2].isupper() for i in range(len(text) - 2) if text[i:i + 2] == ". "), f.name
+    grouped = [name for g in GROUPS for name in TranscoderConfig.fields_in(g)]
+    assert sorted(grouped) == sorted(f.name for f in fields(TranscoderConfig))
+    assert all(TranscoderConfig.fields_in(g) for g in GROUPS)
+
+
+def test_train_help_shows_every_description_by_group():
+    import argparse
+    import re
+    from dataclasses import fields
+
+    from mtc.cli import build_parser
+    from mtc.config import GROUPS
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    text = " ".join(train.format_help().split())  # undo argparse's line wrapping
+    for f in fields(TranscoderConfig):
+        assert f"--{f.name.replace('_', '-')}" in text
+        assert " ".join(f.metadata["help"].split()) + " (default: " in text, f.name
+    for g in GROUPS:
+        assert f"settings: {g.title}:" in text
+    order = [text.index(f"settings: {g.title}:") for g in GROUPS]
+    assert order == sorted(order)
+    for g, start, end in zip(GROUPS, order, [*order[1:], len(text)]):
+        flags = set(re.findall(r"--([a-z0-9-]+)", text[start:end]))
+        assert {name.replace("_", "-") for name in TranscoderConfig.fields_in(g)} <= flags
+
+
+def test_flags_keep_their_names_and_types():
+    from mtc.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--d-sae", "64", "--no-skip-connection", "--prefix-sizes", "1", "2",
+                                      "3", "--adam-betas", "0.8", "0.95", "--prefix-weights", "1", "2", "--prefetch",
+                                      "--aux-coeff", "0.5"])
+    assert (args.d_sae, args.skip_connection, args.prefix_sizes, args.adam_betas) == (64, False, [1, 2, 3], [0.8, 0.95])
+    assert (args.prefix_weights, args.prefetch, args.aux_coeff) == ([1.0, 2.0], True, 0.5)
+    assert not hasattr(args, "k") and not hasattr(args, "compute_dtype")
+    bench = build_parser().parse_args(["bench", "--lr", "2e-3"])
+    assert bench.lr == 2e-3 and bench.device == "auto"  # bench's own --device, not the config's
+
+
+def test_hand_kept_lists_are_derived_from_the_groups():
+    from mtc.checkpoint import RESUMABLE_CHANGES
+
+    assert set(TranscoderConfig.resumable_fields()) == RESUMABLE
+    assert set(RESUMABLE_CHANGES) == RESUMABLE
+    assert set(TranscoderConfig.store_fields()) == STORE
+    assert set(TranscoderConfig.fields_in("data")) <= STORE
+    with pytest.raises(ValueError, match="unknown settings group"):
+        TranscoderConfig.fields_in("logging")
+    assert TranscoderConfig.description("d_sae") == "Number of latents."

@@ -74,3 +74,14 @@ def test_hub_model_without_network_says_what_to_do():
 ])
 def test_load_errors_are_explained(error, advice):
     assert advice in explain_load_error("google/gemma-2-2b", error)
+
+
+def test_hook_widths_known_from_the_config_alone():
+    from mtc.language_model import hook_width
+
+    assert hook_width("blocks.3.ln2.hook_normalized", 64, 256) == 64
+    assert hook_width("blocks.12.hook_mlp_out", 64, 256) == 64
+    assert hook_width("blocks.0.mlp.hook_in", 64, 256) == 64
+    assert hook_width("blocks.1.mlp.hook_post", 64, 256) == 256
+    assert hook_width("blocks.2.attn.hook_z", 64, 256) is None  # measured on the loaded model instead
+    assert hook_width("hook_embed", 64, 256) is None

@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mtc.cli import main
-from mtc.layer_parallel import agree_on_checkpoints
-from mtc.sets import load_set
+from mtc.sets import agree_on_checkpoints, load_set
 
 from test_sets import assert_same_weights, set_args
 
