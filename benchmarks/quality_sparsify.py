@@ -13,6 +13,11 @@ with optional AuxK, optimiser and schedule, dead-latent counters). Everything le
 sparsify's defaults (`SparseCoderConfig`, `TrainConfig`), including the learning rate, which
 sparsify scales with the number of latents.
 
+`--normalize mean_norm` gives sparsify the units mtc trains in: the source and the target are each
+divided by `mean(||a||) / sqrt(d)` measured on the first training batch (mtc's `mean_norm`, estimated on
+the same rows), so both have mean norm sqrt(d). FVU does not depend on the target's units, so the
+figures stay comparable with the raw run's; `--normalize none` (the default) trains on raw activations.
+
 Evaluation is on the held-out rows with the weights sparsify saves in its checkpoint (for its
 default schedule-free optimiser these are the averaged weights, `optimizer.eval()`):
 
@@ -33,7 +38,7 @@ mtc):
     .venv-sparsify/bin/pip install torch==2.13.0   # on a GPU machine: the torch you have
     .venv-sparsify/bin/pip install eai-sparsify torch==2.13.0
     .venv-sparsify/bin/python benchmarks/quality_sparsify.py --cache runs/quality/demo-cache.safetensors \\
-        --json sparsify.json [--skip] [--threads 1]
+        --json sparsify.json [--normalize mean_norm] [--skip] [--threads 1]
 """
 
 from __future__ import annotations
@@ -105,6 +110,11 @@ class RowNumbers(Dataset):
         return {"input_ids": torch.tensor([i])}
 
 
+def mean_norm_scale(acts: Tensor) -> float:
+    """`mean(||a||) / sqrt(d)`, as mtc's `normalize_activations="mean_norm"` computes it."""
+    return float(acts.double().norm(dim=-1).mean()) / acts.shape[-1] ** 0.5
+
+
 def load_cache(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     tensors = load_file(path)
     with safe_open(path, framework="pt") as f:
@@ -159,6 +169,9 @@ def main() -> None:
     parser.add_argument("--auxk-alpha", type=float, default=None, help="AuxK weight (default: sparsify's)")
     parser.add_argument("--dead-feature-threshold", type=int, default=None,
                         help="tokens without firing before AuxK treats a latent as dead (default: sparsify's)")
+    parser.add_argument("--normalize", choices=["none", "mean_norm"], default="none",
+                        help="mean_norm: divide source and target by mean(||a||)/sqrt(d) of the first batch "
+                             "(mtc's units); none: raw activations")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (sparsify's init_seeds)")
     parser.add_argument("--first-latents", type=int, default=160, help="M for fvu_first_M")
     parser.add_argument("--dead-window", type=int, default=100_000,
@@ -175,6 +188,12 @@ def main() -> None:
     train_x, train_y = tensors["train_source"], tensors["train_target"]
     eval_x, eval_y = tensors["eval_source"], tensors["eval_target"]
     d_in, d_out = train_x.shape[1], train_y.shape[1]
+    scales = {"source": 1.0, "target": 1.0}
+    if args.normalize == "mean_norm":
+        scales = {"source": mean_norm_scale(train_x[:args.batch_size]),
+                  "target": mean_norm_scale(train_y[:args.batch_size])}
+        train_x, eval_x = train_x / scales["source"], eval_x / scales["source"]
+        train_y, eval_y = train_y / scales["target"], eval_y / scales["target"]
     if d_in != d_out:
         raise SystemExit(f"sparsify's SparseCoder needs d_in == d_out (its W_dec and b_dec have the "
                          f"input's width); this cache maps {d_in} -> {d_out}")
@@ -220,7 +239,8 @@ def main() -> None:
         "eval_tokens": len(eval_x), "optimizer": cfg.optimizer, "lr": lr,
         "lr_warmup_steps": cfg.lr_warmup_steps if cfg.optimizer == "adam" else None,
         "auxk_alpha": cfg.auxk_alpha, "dead_feature_threshold": cfg.dead_feature_threshold,
-        "seed": args.seed, "first_latents": args.first_latents, "dead_window": args.dead_window,
+        "normalize": args.normalize, "scales": scales, "seed": args.seed, "first_latents": args.first_latents,
+        "dead_window": args.dead_window,
         "threads": torch.get_num_threads(),
     }
     result = {
@@ -235,7 +255,7 @@ def main() -> None:
     print()
     print(f"sparsify {sparsify.__version__} transcoder {d_in} -> {sae.num_latents} latents -> {d_out}, "
           f"k={sae_cfg.k}, skip={sae_cfg.skip_connection}, {cfg.optimizer} lr={lr:.3g}, "
-          f"auxk_alpha={cfg.auxk_alpha:g}")
+          f"auxk_alpha={cfg.auxk_alpha:g}, activations: {args.normalize}")
     print(f"trained on {len(train_x):,} tokens ({steps} steps of {args.batch_size}) in {train_seconds:.1f} s "
           f"with {torch.get_num_threads()} thread(s); evaluated on {len(eval_x):,} held-out tokens")
     print(f"{'latents':>14}{'fvu':>9}{'l0':>8}")

@@ -18,6 +18,8 @@ from typing import Any
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 NORMALIZATIONS = ("mean_norm", "none")
+DECODER_INITS = ("random", "batch")
+OPTIMIZERS = ("adam", "signsgd")
 PYDOC_TOKEN_LIMIT = 2_000_000  # generous: tokenizers differ, the corpus is ~0.5M Gemma tokens
 
 
@@ -118,6 +120,9 @@ class TranscoderConfig:
         "mean_norm", "'mean_norm' trains on each hook's activations divided by a scale from the first batch that "
         "brings their mean norm to sqrt(d), 'none' on raw activations (saved models always work on raw "
         "activations; see mtc/scaling.py).")
+    decoder_init: str = ARCHITECTURE(
+        "random", "'random': unit-norm random decoder rows; 'batch': each latent's row starts as the mean centred "
+        "target of the first batch's tokens it is selected on (random where it is selected on none).")
 
     # --- sparsity machinery
     k: int = SPARSITY(96, "Active latents per token on average: BatchTopK keeps the batch_size * k largest "
@@ -135,7 +140,10 @@ class TranscoderConfig:
                 "that L0 = k (0 keeps the moving average).", resumable=True)
 
     # --- optimisation
-    lr: float = OPTIMISATION(3e-4, "Peak Adam learning rate, reached at the end of the warmup.")
+    optimizer: str = OPTIMISATION(
+        "adam", "'adam' (warmup, then cosine decay to min_lr) or 'signsgd' (schedule-free sign descent, "
+        "EleutherAI sparsify's default: warmup, then lr throughout; the averaged weights are kept).")
+    lr: float = OPTIMISATION(3e-4, "Peak learning rate, reached at the end of the warmup.")
     min_lr: float = OPTIMISATION(3e-5, "Learning rate at the last step, reached by cosine decay from lr.")
     warmup_steps: int = OPTIMISATION(100, "Steps of linear learning-rate warmup up to lr (0: none).")
     adam_betas: tuple[float, float] = OPTIMISATION((0.9, 0.999), "Adam's beta1 and beta2.")
@@ -305,6 +313,11 @@ class TranscoderConfig:
             fail("total_tokens", f"{self.total_tokens:,} tokens exceed what the offline 'pydoc' corpus holds "
                  f"(about half a million)", "lower total_tokens or set dataset to a larger corpus, e.g. "
                  "HuggingFaceFW/fineweb-edu")
+        if self.optimizer not in OPTIMIZERS:
+            fail("optimizer", f"unknown optimiser {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+        if self.decoder_init not in DECODER_INITS:
+            fail("decoder_init", f"unknown decoder initialisation {self.decoder_init!r}",
+                 f"use one of {', '.join(DECODER_INITS)}")
         if self.normalize_activations not in NORMALIZATIONS:
             fail("normalize_activations", f"unknown normalisation {self.normalize_activations!r}",
                  "use 'mean_norm' (scale-invariant training) or 'none' (train on raw activations)")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .checkpoint import list_checkpoints
 from .config import TranscoderConfig
 from .mirror import Mirror
-from .optim import learning_rate, make_optimizer, train_step
+from .optim import learning_rate, make_optimizer, train_step, weights_to_keep
 from .parallel import BatchReduction, Process
 from .progress import Progress
 from .resume import ResumePoint, decide_resume, restore_newest, trainer_state
@@ -215,7 +215,10 @@ class Trainer:
 
     def _finish(self) -> None:
         """After the last step: calibrate the thresholds, write `final/` and the samples, and leave each
-        in-memory transcoder in raw units, as `final/` holds it."""
+        in-memory transcoder in raw units, as `final/` holds it (with the averaged weights of schedule-free
+        sign descent)."""
+        for run in self.runs:
+            run.model = weights_to_keep(run.model, run.optimizer)
         self._calibrate_thresholds()
         for run in self.runs:
             run.files.final(run.model, run.scales)
@@ -283,7 +286,7 @@ class Trainer:
             meta = {"tokens": self.step * run.cfg.batch_size, "metrics": run.last_metrics, "time": time.time(),
                     "activation_scales": run.scales.to_dict()}
             state = partial(trainer_state, run, self.step, self.store, self.reduction.world_size)
-            run.files.checkpoint(self.step, run.model, state, meta, run.scales)
+            run.files.checkpoint(self.step, weights_to_keep(run.model, run.optimizer), state, meta, run.scales)
 
     def _collect_samples(self, outputs, batch) -> None:
         for run, out in zip(self.runs, outputs):

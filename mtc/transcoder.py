@@ -333,16 +333,25 @@ class MatryoshkaTranscoder(nn.Module):
 
         - `b_dec` = the targets' mean;
         - each encoder column is rescaled so its latent's pre-activation has unit variance on the batch;
-        - `b_enc = -mean(x) @ W_enc`, centring every pre-activation on the data.
+        - `b_enc = -mean(x) @ W_enc`, centring every pre-activation on the data;
+        - with `decoder_init="batch"`, each selected latent's decoder row is its tokens' mean centred target.
 
         Language-model activations share a large mean direction and are very anisotropic; without this,
         the latents that happen to align with the mean or the high-variance directions win every
         BatchTopK selection from the first step and most others never fire."""
         x = self._as_tokens(x, self.cfg.d_in, "x")
+        y = self._as_tokens(y, self.cfg.d_out, "y")
         centred = x - x.mean(0)
         self.W_enc.div_((centred @ self.W_enc).std(0).clamp_min(1e-6))
         self.b_enc.copy_(-(x.mean(0) @ self.W_enc))
-        self.b_dec.copy_(self._as_tokens(y, self.cfg.d_out, "y").mean(0))
+        self.b_dec.copy_(y.mean(0))
+        if self.cfg.decoder_init == "batch":
+            # each latent starts writing what the targets of its tokens share, as a decoder starting from zero
+            # learns in its first step (sparsify's transcoder init), but at unit norm
+            z, _ = batch_topk(F.relu(centred @ self.W_enc), self.cfg.k)
+            rows = z.T.to(y.dtype) @ (y - self.b_dec)
+            selected = rows.norm(dim=1) > 0
+            self.W_dec[selected] = rows[selected] / rows[selected].norm(dim=1, keepdim=True)
 
     @torch.no_grad()
     def calibrate_threshold(self, sources: list[Float[Tensor, "batch d_in"]]) -> float:

@@ -126,10 +126,12 @@ class SignalStore(SyntheticStore):
         return super().next_batch()
 
 
-def test_in_process_resume_is_exact(tmp_path):
-    full = config(tmp_path / "a")
+@pytest.mark.parametrize("recipe", [{}, {"optimizer": "signsgd", "lr": 1e-2, "decoder_init": "batch"}],
+                         ids=["adam", "signsgd"])
+def test_in_process_resume_is_exact(tmp_path, recipe):
+    full = config(tmp_path / "a", **recipe)
     train(full)
-    part = config(tmp_path / "b")
+    part = config(tmp_path / "b", **recipe)
     with pytest.raises(StopRequested, match="step 13"):  # interrupted: checkpoint at step 13
         train(part, store=SignalStore(48, 40, 256, signal_at=12))
     trainer, _ = train(part)
