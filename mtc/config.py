@@ -132,6 +132,9 @@ class TranscoderConfig:
     aux_coeff: float = SPARSITY(1 / 32, "Weight of the AuxK loss, which revives dead latents (0 disables it).")
     dead_after_tokens: int = SPARSITY(10_000_000, "Tokens without firing after which a latent counts as dead "
                                                   "(and enters the AuxK loss).")
+    resample_every: int = SPARSITY(
+        0, "Steps between re-initialisations of dead latents on tokens drawn by their error (0: never; none in "
+           "the last 30% of the budget).")
     threshold_momentum: float = SPARSITY(
         0.99, "Momentum of the moving average of the smallest kept activation, which is the JumpReLU threshold "
               "unless calibration_tokens sets it.")
@@ -267,6 +270,9 @@ class TranscoderConfig:
         if not (0 <= self.min_lr <= self.lr):
             fail("min_lr", f"must lie in [0, lr={self.lr}], got {self.min_lr!r}",
                  "lower it to at most lr")
+        if not isinstance(self.resample_every, int) or isinstance(self.resample_every, bool) or self.resample_every < 0:
+            fail("resample_every", f"must be a non-negative integer, got {self.resample_every!r}",
+                 "use 0 to never resample, or a number of steps")
         if not (self.aux_coeff >= 0 and math.isfinite(self.aux_coeff)):
             fail("aux_coeff", f"must be >= 0, got {self.aux_coeff!r}", "use 0 to disable AuxK")
         if not (0 <= self.threshold_momentum < 1):

@@ -66,7 +66,12 @@ def collect_cache(bridge, cfg: TranscoderConfig, eval_tokens: int) -> Activation
     """The `cfg.total_steps` training batches the store serves for `cfg` (same order as training), and
     `eval_tokens` held-out tokens (BOS excluded, as in training and evaluation)."""
     store = build_store(bridge, [cfg])
-    batches = [store.next_batch() for _ in range(cfg.total_steps)]
+    n = cfg.total_steps * cfg.batch_size
+    train_source, train_target = torch.empty(n, cfg.d_in), torch.empty(n, cfg.d_out)  # filled in place: one copy
+    for step in range(cfg.total_steps):
+        batch = store.next_batch()
+        rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        train_source[rows], train_target[rows] = batch.sources[0], batch.targets[0]
     contexts = held_out_contexts(bridge, cfg.dataset, eval_tokens, cfg.seq_len, cfg.dataset_split, cfg.text_column)
     bos, _ = special_token_ids(bridge.tokenizer)
     sources, targets = [], []
@@ -77,8 +82,7 @@ def collect_cache(bridge, cfg: TranscoderConfig, eval_tokens: int) -> Activation
         targets.append(acts[cfg.target_hook][keep].float().cpu())
     meta = {"model_name": cfg.model_name, "source_hook": cfg.source_hook, "target_hook": cfg.target_hook,
             "dataset": cfg.dataset, "batch_size": cfg.batch_size, "seed": cfg.seed}
-    return ActivationCache(train_source=torch.cat([b.sources[0] for b in batches]).float(),
-                           train_target=torch.cat([b.targets[0] for b in batches]).float(),
+    return ActivationCache(train_source=train_source, train_target=train_target,
                            eval_source=torch.cat(sources)[:eval_tokens], eval_target=torch.cat(targets)[:eval_tokens],
                            meta=meta)
 

@@ -34,6 +34,7 @@ from .mirror import Mirror
 from .optim import learning_rate, make_optimizer, train_step, weights_to_keep
 from .parallel import BatchReduction, Process
 from .progress import Progress
+from .resample import resample_dead, resampling_due
 from .resume import ResumePoint, decide_resume, restore_newest, trainer_state
 from .run_files import NoFiles, RunFiles
 from .samples import SampleCollector
@@ -190,6 +191,10 @@ class Trainer:
         for run, out in zip(self.runs, outputs):
             accumulate(run.interval, out)
         self.step += 1
+        for run, x, y in zip(self.runs, batch.sources, batch.targets):
+            if resampling_due(self.step, run.cfg):
+                resample_dead(run.model, run.optimizer, *self._training_units(run, self.reduction.gather(x),
+                                                                              self.reduction.gather(y)))
 
     def _log_if_due(self) -> dict:
         """Every `log_every` steps and at the end: one metrics line per transcoder; returns the progress bar's

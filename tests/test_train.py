@@ -126,8 +126,10 @@ class SignalStore(SyntheticStore):
         return super().next_batch()
 
 
-@pytest.mark.parametrize("recipe", [{}, {"optimizer": "signsgd", "lr": 1e-2, "decoder_init": "batch"}],
-                         ids=["adam", "signsgd"])
+@pytest.mark.parametrize("recipe", [{}, {"optimizer": "signsgd", "lr": 1e-2, "decoder_init": "batch"},
+                                    {"resample_every": 4, "dead_after_tokens": 512},
+                                    {"optimizer": "signsgd", "resample_every": 4, "dead_after_tokens": 512}],
+                         ids=["adam", "signsgd", "adam-resampling", "signsgd-resampling"])
 def test_in_process_resume_is_exact(tmp_path, recipe):
     full = config(tmp_path / "a", **recipe)
     train(full)
