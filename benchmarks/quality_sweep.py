@@ -81,12 +81,14 @@ def main() -> None:
         full, first = report["full"], report["prefixes"][0]
         line = {"run": text, "fvu": full["fvu"], "fvu_first": first["fvu"], "first_latents": first["latents"],
                 "l0": full["l0"], "dead_pct_eval": full["dead_pct"], "dead_pct_train": report["train"]["dead_pct"],
+                "dead_pct_train_100k": report["train"]["dead_pct_window"],
                 "seconds": report["seconds"], "train_tokens": cfg.total_tokens, "d_sae": cfg.d_sae, "k": cfg.k,
                 "prefixes": [row["fvu"] for row in report["prefixes"]]}
         with open(args.jsonl, "a") as f:
             f.write(json.dumps(line) + "\n")
         print(f"{text:<60} fvu {line['fvu']:.4f} first {line['fvu_first']:.4f} l0 {line['l0']:.1f} "
-              f"dead {line['dead_pct_eval']:.1f}%/{line['dead_pct_train']:.1f}% {line['seconds']:.0f}s", flush=True)
+              f"dead {line['dead_pct_eval']:.1f}%/{line['dead_pct_train']:.1f}%/{line['dead_pct_train_100k']:.1f}% "
+              f"{line['seconds']:.0f}s", flush=True)
     print(f"wrote {args.jsonl}", file=sys.stderr)
 
 

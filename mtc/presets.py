@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .config import TranscoderConfig
 from .language_model import GEMMA_2_2B, OFFLINE_MODEL, default_hooks, hook_name
 
 
@@ -13,23 +14,26 @@ def matryoshka_prefixes(d_sae: int) -> list[int]:
     return [first, 3 * first, 7 * first, d_sae]
 
 
-DEMO_LR, DEMO_D_SAE = 1.25e-3, 2560  # chosen by the ablations in docs/training.md
+def sign_descent_lr(d_sae: int) -> float:
+    """`5e-3 * sqrt(16384 / d_sae)`: the learning-rate rule of the recipe (schedule-free sign descent), EleutherAI
+    sparsify's own; measured on the offline model at 2,560, 8,192 and 16,384 latents (docs/training.md).
+    Activations are normalised, so it carries across models."""
+    return round(5e-3 * (2**14 / d_sae) ** 0.5, 6)
 
 
-def width_scaled_lr(d_sae: int) -> float:
-    """The demo's learning rate scaled by 1/sqrt(width), the usual rule for sparse dictionaries (sparsify and
-    OpenAI's TopK autoencoders use it too); activations are normalised, so it carries across models."""
-    return round(DEMO_LR * (DEMO_D_SAE / d_sae) ** 0.5, 6)
+def recipe(d_sae: int, batch_size: int) -> dict:
+    """The training recipe chosen on the FVU-dead frontier (docs/training.md): schedule-free sign descent at
+    `sign_descent_lr`, AuxK on latents silent for 20 batches."""
+    return dict(optimizer="signsgd", lr=sign_descent_lr(d_sae), dead_after_tokens=20 * batch_size)
 
 
 def _gemma2(layer: int, d_sae: int, steps: int, **extra) -> dict:
     source, target = default_hooks(layer)
-    lr = width_scaled_lr(d_sae)
     return dict(model_name=GEMMA_2_2B, source_hook=source, target_hook=target, d_sae=d_sae,
                 prefix_sizes=matryoshka_prefixes(d_sae), k=96, batch_size=4096, total_tokens=steps * 4096,
-                warmup_steps=min(200, steps // 10), lr=lr, min_lr=lr / 10, seq_len=128, model_batch_size=32,
+                warmup_steps=min(200, steps // 10), seq_len=128, model_batch_size=32,
                 buffer_tokens=262_144, dataset="HuggingFaceFW/fineweb-edu", run_name=f"gemma2-2b-l{layer}",
-                dead_after_tokens=5_000_000, **extra)
+                **recipe(d_sae, 4096), **extra)
 
 
 PRESETS: dict[str, dict] = {
@@ -43,9 +47,8 @@ PRESETS: dict[str, dict] = {
     # gains span 0..27, and on this short budget the gained input reaches a clearly lower FVU.
     "demo": dict(model_name=OFFLINE_MODEL, source_hook=hook_name("mlp_in", 6), target_hook=default_hooks(6)[1],
                  d_sae=2560, prefix_sizes=matryoshka_prefixes(2560), k=32, k_aux=256, batch_size=512,
-                 total_tokens=512 * 700, warmup_steps=25, lr=DEMO_LR, min_lr=DEMO_LR / 10, seq_len=128,
-                 model_batch_size=16, buffer_tokens=131_072, dataset="pydoc", run_name="demo", dead_after_tokens=100_000,
-                 log_every=25, checkpoint_every=100),
+                 total_tokens=512 * 700, warmup_steps=25, seq_len=128, model_batch_size=16, buffer_tokens=131_072,
+                 dataset="pydoc", run_name="demo", log_every=25, checkpoint_every=100, **recipe(2560, 512)),
 }
 
 LAYER_PRESETS = {8: "gemma2-2b-l8", 12: "gemma2-2b-l12", 17: "gemma2-2b-l17"}
@@ -64,10 +67,11 @@ def preset_for(preset: str | None, layer: int | None, model_name: str | None) ->
 
 
 def defaults_for_layer(layer: int, d_model: int, model_name: str) -> dict:
-    """Sensible settings for any layer of any model: 8x expansion, k = 64, Matryoshka groups; a web corpus
-    for hub models (the offline corpus holds only about half a million tokens)."""
+    """Sensible settings for any layer of any model: 8x expansion, k = 64, Matryoshka groups, the recipe at the
+    default batch size; a web corpus for hub models (the offline corpus holds only about half a million tokens)."""
     source, target = default_hooks(layer)
     d_sae = 8 * d_model
     dataset = "pydoc" if model_name == OFFLINE_MODEL else "HuggingFaceFW/fineweb-edu"
     return dict(source_hook=source, target_hook=target, d_sae=d_sae, prefix_sizes=matryoshka_prefixes(d_sae),
-                k=64, run_name=f"layer{layer}", dataset=dataset)
+                k=64, run_name=f"layer{layer}", dataset=dataset,
+                **recipe(d_sae, TranscoderConfig.__dataclass_fields__["batch_size"].default))

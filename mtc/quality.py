@@ -28,6 +28,10 @@ from .evaluate import PrefixStatistics, held_out_contexts
 from .transcoder import MatryoshkaTranscoder
 
 
+# dead (train) is also reported over this fixed window, whatever the run's dead_after_tokens (the AuxK window)
+DEAD_REPORT_TOKENS = 100_000
+
+
 @dataclass
 class ActivationCache:
     """Source and target activations of one hook pair: training rows in serving order, held-out rows."""
@@ -141,6 +145,8 @@ def train_cached(cfg: TranscoderConfig, cache: ActivationCache, device: str = "c
     start = time.perf_counter()
     (metrics,) = trainer.train()
     seconds = time.perf_counter() - start
+    since_fired = trainer.runs[0].model.tokens_since_fired
+    metrics = {**metrics, "dead_pct_window": 100.0 * float((since_fired >= DEAD_REPORT_TOKENS).float().mean())}
     model = load(cfg.run_dir / "final", device=device)
     report = evaluate_cached(model, cache)
     report.update(train=metrics, seconds=seconds)

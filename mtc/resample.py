@@ -5,10 +5,11 @@ Every `cfg.resample_every` steps, until 70% of the budget, each dead latent (no 
 probability proportional to its squared error `||y_t - y_hat_t||^2` (Anthropic's "resampling", 2023):
 
     W_dec[i] = r_t / ||r_t||                      it writes the error it was born on
-    W_enc[:, i] = c_t / ||c_t|| * s               reads that token's centred source, c_t = x_t - mean(x),
-    b_enc[i] = -mean(x) @ W_enc[:, i]             at the norm s of a typical live encoder column, centred
+    W_enc[:, i] = c_t / ||c_t||^2 * tau           reads that token's centred source, c_t = x_t - mean(x),
+    b_enc[i] = -mean(x) @ W_enc[:, i]             centred, so its pre-activation on x_t is tau
 
-and its optimiser state is reset (Adam's moments set to zero; schedule-free sign descent's iterate and
+where `tau` is the current estimate of the smallest activation BatchTopK keeps: a new latent starts at the
+edge of firing on tokens like its own, not above every live latent. Its optimiser state is reset (Adam's moments set to zero; schedule-free sign descent's iterate and
 average set to the new weights), so no stale momentum pushes it back. AuxK pulls dead latents towards
 the error too, but through the same sparse gradients that killed them; resampling does not need them.
 """
@@ -40,9 +41,8 @@ def new_latent_weights(model: MatryoshkaTranscoder, x: Float[Tensor, "batch d_in
     error = residual.pow(2).sum(1)
     tokens = torch.multinomial(error / error.sum(), n, replacement=n > len(error), generator=generator)
     directions = x[tokens] - x.mean(0)
-    live = model.tokens_since_fired < model.cfg.dead_after_tokens
-    scale = model.W_enc[:, live].norm(dim=0).mean() if live.any() else model.W_enc.norm(dim=0).mean()
-    W_enc = (directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale).T
+    tau = float(model.threshold) if float(model.threshold) > 0 else 1.0
+    W_enc = (directions / directions.pow(2).sum(1, keepdim=True).clamp_min(1e-12) * tau).T
     W_dec = residual[tokens] / residual[tokens].norm(dim=1, keepdim=True).clamp_min(1e-12)
     return {"W_enc": W_enc, "b_enc": -(x.mean(0) @ W_enc), "W_dec": W_dec}
 

@@ -41,6 +41,9 @@ def test_dead_latents_restart_on_high_error_tokens_with_fresh_optimiser_state(na
     centred = x[tokens] - x.mean(0)
     assert torch.allclose(torch.cosine_similarity(model.W_enc[:, dead].T, centred, dim=1), torch.ones(3), atol=1e-5)
     assert torch.allclose(model.b_enc[dead], -(x.mean(0) @ model.W_enc[:, dead]), atol=1e-5)
+    # at the edge of firing on its own token: the pre-activation there is the threshold estimate
+    assert torch.allclose((x[tokens] @ model.W_enc[:, dead]).diagonal() + model.b_enc[dead],
+                          model.threshold.expand(3), rtol=1e-4)
     assert int(model.tokens_since_fired[dead].sum()) == 0
     if name == "adam":
         state = optimizer.state[model.W_enc]
