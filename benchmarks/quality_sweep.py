@@ -2,7 +2,9 @@
 shares side by side: the measurements behind the recipe tables of `docs/training.md`.
 
 Each `--run` is one recipe: space-separated `field=value` settings over the preset (any
-`TranscoderConfig` field; lists as comma-separated values, `plain` as a shorthand for one prefix).
+`TranscoderConfig` field; lists as comma-separated values, `plain` as a shorthand for one prefix). A run that
+sets `d_sae` or `k` gets the presets' recipe at that width and k (`mtc.presets.recipe`: learning rate, AuxK
+window) and Matryoshka groups, unless it sets those too.
 Every run trains with the real `Trainer` on the same cached rows and is evaluated on the same held-out
 rows (`mtc.quality`). Results are appended to `--jsonl` as they finish, so a long sweep can be read
 while it runs and a killed one loses nothing finished.
@@ -22,7 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from mtc.config import TranscoderConfig
-from mtc.presets import PRESETS, matryoshka_prefixes
+from mtc.presets import PRESETS, matryoshka_prefixes, recipe
 from mtc.quality import ActivationCache, train_cached
 
 
@@ -54,6 +56,8 @@ def config_for(preset: str, overrides: dict, cache: ActivationCache, output_dir:
     settings = {**PRESETS[preset], "wandb_mode": "disabled", "drive_dir": "none", "samples_every": 0,
                 "checkpoint_every": 10**9, "output_dir": str(output_dir), "run_name": f"sweep-{index}"}
     plain = overrides.pop("plain", False)
+    if "d_sae" in overrides or "k" in overrides:  # the recipe at the new width or k, unless set explicitly
+        settings.update(recipe(overrides.get("d_sae", settings["d_sae"]), overrides.get("k", settings["k"])))
     settings.update(overrides)
     settings.update(d_in=cache.train_source.shape[1], d_out=cache.train_target.shape[1])
     if plain:

@@ -335,7 +335,8 @@ def config_overrides(args: argparse.Namespace) -> dict:
 def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
     from .checkpoint import atomic_write_bytes
     from .presets import PRESETS
-    from .quality import ActivationCache, collect_cache, format_quality, run_quality
+    from .quality import (ActivationCache, check_sparsify_python, collect_cache, format_quality, run_quality,
+                          run_sparsify)
 
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -344,6 +345,8 @@ def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
                 "output_dir": "runs/quality", **overrides}
     cfg = TranscoderConfig.from_dict(settings)
     cache_path = Path(args.cache or Path(cfg.output_dir) / f"{preset}-cache.safetensors")
+    if args.sparsify_python:
+        check_sparsify_python(args.sparsify_python)
     if cache_path.is_file():
         cache = ActivationCache.load(cache_path)
     else:
@@ -356,8 +359,11 @@ def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
         print(f"wrote the activation cache {cache_path}", file=sys.stderr)
     cfg = cfg.replace(d_in=cache.train_source.shape[1], d_out=cache.train_target.shape[1])
     reports = run_quality(cfg, cache, device=device)
+    if args.sparsify_python:
+        reports["sparsify"] = run_sparsify(args.sparsify_python, cache_path, cfg)
     print(format_quality(reports))
     atomic_write_bytes(Path(args.json), (json.dumps(reports, indent=2) + "\n").encode())
-    print(f"\nwrote {args.json}; the same cache trains EleutherAI's sparsify with "
-          f"benchmarks/quality_sparsify.py --cache {cache_path}", file=sys.stderr)
+    if not args.sparsify_python:
+        print(f"\nwrote {args.json}; --sparsify-python VENV/bin/python adds EleutherAI sparsify on the same cache "
+              "in the same units (benchmarks/quality_sparsify.py)", file=sys.stderr)
     return 0

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache", metavar="PATH",
                        help="--quality: activation cache to train on; written first if it does not exist "
                             "(default: <output-dir>/<preset>-cache.safetensors)")
+    bench.add_argument("--sparsify-python", metavar="PYTHON",
+                       help="--quality: also train EleutherAI sparsify's default recipe on the same cache in mtc's units, "
+                            "with this python (a virtualenv with eai-sparsify; see benchmarks/quality_sparsify.py)")
     bench.add_argument("--eval-tokens", type=int, default=20_480, help="--quality: held-out tokens in a new cache")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--json", default="bench.json", help="where to write the figures")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from .config import TranscoderConfig
 from .language_model import GEMMA_2_2B, OFFLINE_MODEL, default_hooks, hook_name
 
 
@@ -21,10 +20,16 @@ def sign_descent_lr(d_sae: int) -> float:
     return round(5e-3 * (2**14 / d_sae) ** 0.5, 6)
 
 
-def recipe(d_sae: int, batch_size: int) -> dict:
+def aux_window(d_sae: int, k: int) -> int:
+    """`16 * d_sae / k` tokens: AuxK trains every latent that stayed silent while an average latent (firing on
+    k / d_sae of the tokens) would have fired 16 times; 1,280 tokens for the demo (docs/training.md)."""
+    return 16 * d_sae // k
+
+
+def recipe(d_sae: int, k: int) -> dict:
     """The training recipe chosen on the FVU-dead frontier (docs/training.md): schedule-free sign descent at
-    `sign_descent_lr`, AuxK on latents silent for 20 batches."""
-    return dict(optimizer="signsgd", lr=sign_descent_lr(d_sae), dead_after_tokens=20 * batch_size)
+    `sign_descent_lr`, AuxK on latents silent for `aux_window` tokens."""
+    return dict(optimizer="signsgd", lr=sign_descent_lr(d_sae), dead_after_tokens=aux_window(d_sae, k))
 
 
 def _gemma2(layer: int, d_sae: int, steps: int, **extra) -> dict:
@@ -33,7 +38,7 @@ def _gemma2(layer: int, d_sae: int, steps: int, **extra) -> dict:
                 prefix_sizes=matryoshka_prefixes(d_sae), k=96, batch_size=4096, total_tokens=steps * 4096,
                 warmup_steps=min(200, steps // 10), seq_len=128, model_batch_size=32,
                 buffer_tokens=262_144, dataset="HuggingFaceFW/fineweb-edu", run_name=f"gemma2-2b-l{layer}",
-                **recipe(d_sae, 4096), **extra)
+                **recipe(d_sae, 96), **extra)
 
 
 PRESETS: dict[str, dict] = {
@@ -48,7 +53,7 @@ PRESETS: dict[str, dict] = {
     "demo": dict(model_name=OFFLINE_MODEL, source_hook=hook_name("mlp_in", 6), target_hook=default_hooks(6)[1],
                  d_sae=2560, prefix_sizes=matryoshka_prefixes(2560), k=32, k_aux=256, batch_size=512,
                  total_tokens=512 * 700, warmup_steps=25, seq_len=128, model_batch_size=16, buffer_tokens=131_072,
-                 dataset="pydoc", run_name="demo", log_every=25, checkpoint_every=100, **recipe(2560, 512)),
+                 dataset="pydoc", run_name="demo", log_every=25, checkpoint_every=100, **recipe(2560, 32)),
 }
 
 LAYER_PRESETS = {8: "gemma2-2b-l8", 12: "gemma2-2b-l12", 17: "gemma2-2b-l17"}
@@ -74,4 +79,4 @@ def defaults_for_layer(layer: int, d_model: int, model_name: str) -> dict:
     dataset = "pydoc" if model_name == OFFLINE_MODEL else "HuggingFaceFW/fineweb-edu"
     return dict(source_hook=source, target_hook=target, d_sae=d_sae, prefix_sizes=matryoshka_prefixes(d_sae),
                 k=64, run_name=f"layer{layer}", dataset=dataset,
-                **recipe(d_sae, TranscoderConfig.__dataclass_fields__["batch_size"].default))
+                **recipe(d_sae, 64))

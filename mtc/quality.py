@@ -7,11 +7,16 @@ transcoders on them with the real `Trainer` and evaluates each on the same held-
   from the evaluation documents, written once to a safetensors file that other tools can read too
   (`benchmarks/quality_sparsify.py` trains EleutherAI's sparsify on the same file);
 - `CachedStore`: serves those batches to a `Trainer` (resumable, like the real store);
-- `evaluate_cached`: held-out FVU of every prefix, L0 and dead share of the saved (raw-unit) model.
+- `evaluate_cached`: held-out FVU of every prefix, L0 and dead share of the saved (raw-unit) model;
+- `run_sparsify`: the peer on the same file, in mtc's units, through a Python that has `eai-sparsify`
+  (`bench --quality --sparsify-python`), reported in the same rows.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,18 +174,66 @@ def run_quality(cfg: TranscoderConfig, cache: ActivationCache, device: str = "cp
     return {name: train_cached(variant, cache, device=device) for name, variant in quality_variants(cfg).items()}
 
 
+SPARSIFY_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_sparsify.py"
+
+
+def check_sparsify_python(python: str | Path) -> None:
+    """Fail before any training when `--sparsify-python` cannot run the peer."""
+    if not Path(python).is_file():
+        raise FileNotFoundError(f"--sparsify-python: {python} is not a file; give the python of a virtualenv with "
+                                "eai-sparsify installed (see benchmarks/quality_sparsify.py)")
+    if not SPARSIFY_SCRIPT.is_file():
+        raise FileNotFoundError(f"--sparsify-python runs {SPARSIFY_SCRIPT}, which this installation lacks; run "
+                                "the benchmark from a clone of the repository")
+
+
+def run_sparsify(python: str | Path, cache_path: str | Path, cfg: TranscoderConfig) -> dict:
+    """EleutherAI sparsify's default recipe on the same cache, in mtc's units (`--normalize mean_norm`), at
+    `cfg`'s width, k and batch size, reported like `train_cached` (prefix 1 = sparsify's first
+    `prefix_sizes[0]` latents)."""
+    check_sparsify_python(python)
+    with tempfile.TemporaryDirectory() as folder:
+        result_path = Path(folder) / "sparsify.json"
+        command = [str(python), str(SPARSIFY_SCRIPT), "--cache", str(cache_path), "--normalize", "mean_norm",
+                   "--d-sae", str(cfg.d_sae), "--k", str(cfg.k), "--batch-size", str(cfg.batch_size),
+                   "--first-latents", str(cfg.prefix_sizes[0]), "--dead-window", str(DEAD_REPORT_TOKENS),
+                   "--json", str(result_path)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"sparsify failed (exit code {done.returncode}): {' '.join(command)}\n"
+                               + done.stderr[-3000:])
+        result = json.loads(result_path.read_text())
+    return sparsify_report(result)
+
+
+def sparsify_report(result: dict) -> dict:
+    """`quality_sparsify.py`'s JSON as a `train_cached` report: its first latents, then all of them."""
+    settings = result["settings"]
+    first = settings["first_latents"]
+    rows = [{"prefix": 1, "latents": first, "fvu": result[f"fvu_first_{first}"], "l0": result[f"l0_first_{first}"],
+             "dead_pct": float("nan")},
+            {"prefix": 2, "latents": settings["d_sae"], "fvu": result["fvu"], "l0": result["l0"],
+             "dead_pct": result["dead_pct_eval"]}]
+    train = {"dead_pct": result["dead_pct_train"], "dead_pct_window": result["dead_pct_train"]}
+    return {"full": rows[-1], "prefixes": rows, "tokens": settings["eval_tokens"], "train": train,
+            "seconds": result["train_seconds"], "sparsify": settings}
+
+
 def format_quality(reports: dict[str, dict]) -> str:
-    """One row per (variant, prefix): held-out FVU, L0 and dead share; the trainer's dead share at the end."""
+    """One row per (variant, prefix): held-out FVU, L0 and dead share; the trainer's dead shares at the end."""
     header = f"{'variant':<12}{'prefix':>7}{'latents':>9}{'fvu':>9}{'l0':>8}{'dead% (eval)':>14}" \
-             f"{'dead% (train)':>15}{'seconds':>9}"
+             f"{'dead% (train)':>15}{'dead% (100k)':>14}{'seconds':>9}"
     lines = [header, "-" * len(header)]
     for name, report in reports.items():
         for row in report["prefixes"]:
             last = row is report["prefixes"][-1]
+            train = report["train"]
             lines.append(f"{name:<12}{'full' if last else row['prefix']:>7}{row['latents']:>9}{row['fvu']:>9.4f}"
                          f"{row['l0']:>8.1f}{row['dead_pct']:>14.1f}"
-                         + (f"{report['train']['dead_pct']:>15.1f}{report['seconds']:>9.0f}" if last else ""))
+                         + (f"{train['dead_pct']:>15.1f}{train.get('dead_pct_window', float('nan')):>14.1f}"
+                            f"{report['seconds']:>9.0f}" if last else ""))
     first = next(iter(reports.values()))
     lines.append(f"{first['tokens']} held-out tokens; dead (eval): never fired on them; dead (train): no firing in "
-                 "the last dead_after_tokens training tokens")
+                 f"the last dead_after_tokens training tokens (sparsify: {DEAD_REPORT_TOKENS:,}); dead (100k): no "
+                 f"firing in the last {DEAD_REPORT_TOKENS:,}")
     return "\n".join(lines)

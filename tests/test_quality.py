@@ -79,7 +79,7 @@ def test_bench_quality_command_reads_an_existing_cache(tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     assert set(report) == {"plain", "matryoshka"}
-    assert "quality_sparsify.py --cache" in capsys.readouterr().err
+    assert "--sparsify-python" in capsys.readouterr().err
 
 
 def test_collect_cache_holds_the_training_batches_in_serving_order(tmp_path, gemma2_bridge):
@@ -94,3 +94,42 @@ def test_collect_cache_holds_the_training_batches_in_serving_order(tmp_path, gem
     assert cache.train_source.shape == (320, 64) and cache.eval_source.shape == (100, 64)
     torch.testing.assert_close(cache.train_source[:64], batches[0].sources[0])
     assert cache.meta["source_hook"] == cfg.source_hook
+
+
+FAKE_SPARSIFY = """#!/bin/sh
+# stands in for a sparsify virtualenv's python: records its arguments, writes quality_sparsify.py's JSON
+while [ "$#" -gt 0 ]; do
+  case "$1" in --json) out="$2"; shift;; esac
+  echo "$1" >> "$(dirname "$0")/args.txt"; shift
+done
+cat > "$out" <<JSON
+{"fvu": 0.25, "fvu_first_16": 0.8, "l0": 7.5, "l0_first_16": 1.0, "dead_pct_eval": 40.0,
+ "dead_pct_train": 30.0, "train_seconds": 1.0,
+ "settings": {"first_latents": 16, "d_sae": 128, "eval_tokens": 1024}}
+JSON
+"""
+
+
+def test_bench_quality_adds_sparsify_in_mtc_units_from_its_python(tmp_path, capsys):
+    fake = tmp_path / "venv" / "python"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SPARSIFY)
+    fake.chmod(0o755)
+    cache_path = synthetic_cache().save(tmp_path / "cache.safetensors")
+    out = tmp_path / "quality.json"
+    args = ["bench", "--quality", "--cache", str(cache_path), "--json", str(out), "--output-dir",
+            str(tmp_path / "runs"), "--d-sae", "128", "--prefix-sizes", "16", "64", "128", "--k", "8",
+            "--k-aux", "16", "--batch-size", "256", "--total-tokens", str(256 * 20), "--warmup-steps", "2",
+            "--calibration-tokens", "512", "--device", "cpu"]
+    assert main(args + ["--sparsify-python", str(tmp_path / "missing" / "python")]) != 0
+    assert "--sparsify-python" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # the check comes before any training
+    assert main(args + ["--sparsify-python", str(fake)]) == 0
+    passed = (fake.parent / "args.txt").read_text().split()
+    assert passed[passed.index("--normalize") + 1] == "mean_norm"
+    assert [passed[passed.index(flag) + 1] for flag in ("--d-sae", "--k", "--batch-size", "--first-latents")] \
+        == ["128", "8", "256", "16"]
+    sparsify = json.loads(out.read_text())["sparsify"]
+    assert sparsify["full"]["fvu"] == 0.25 and sparsify["prefixes"][0]["fvu"] == 0.8
+    assert sparsify["train"]["dead_pct"] == 30.0
+    assert "sparsify" in capsys.readouterr().out
