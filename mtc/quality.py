@@ -15,6 +15,7 @@ transcoders on them with the real `Trainer` and evaluates each on the same held-
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -167,11 +168,17 @@ def quality_variants(cfg: TranscoderConfig) -> dict[str, TranscoderConfig]:
 
 
 def run_quality(cfg: TranscoderConfig, cache: ActivationCache, device: str = "cpu") -> dict[str, dict]:
-    """Train and evaluate each variant of `cfg` on the cache (runs go under `cfg.output_dir`)."""
+    """Train and evaluate each variant of `cfg` on the cache (runs go under `cfg.output_dir`, replacing an earlier
+    benchmark's runs of the same names)."""
     if cache.train_source.shape[1] != cfg.d_in or cache.train_target.shape[1] != cfg.d_out:
         raise ValueError(f"the cache holds {cache.train_source.shape[1]} -> {cache.train_target.shape[1]} "
                          f"activations but the config has d_in={cfg.d_in}, d_out={cfg.d_out}; collect a new cache")
-    return {name: train_cached(variant, cache, device=device) for name, variant in quality_variants(cfg).items()}
+    reports = {}
+    for name, variant in quality_variants(cfg).items():
+        if variant.run_dir.exists():  # an earlier benchmark's run of the same name: the benchmark is rerun afresh
+            shutil.rmtree(variant.run_dir)
+        reports[name] = train_cached(variant, cache, device=device)
+    return reports
 
 
 SPARSIFY_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_sparsify.py"

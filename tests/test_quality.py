@@ -72,13 +72,14 @@ def test_quality_trains_plain_and_matryoshka_on_the_same_rows(tmp_path):
 def test_bench_quality_command_reads_an_existing_cache(tmp_path, capsys):
     cache_path = synthetic_cache().save(tmp_path / "cache.safetensors")
     out = tmp_path / "quality.json"
-    code = main(["bench", "--quality", "--cache", str(cache_path), "--json", str(out), "--output-dir",
-                 str(tmp_path / "runs"), "--d-sae", "128", "--prefix-sizes", "16", "64", "128", "--k", "8",
-                 "--k-aux", "16", "--batch-size", "256", "--total-tokens", str(256 * 20), "--warmup-steps", "2",
-                 "--calibration-tokens", "512", "--device", "cpu"])
-    assert code == 0
+    args = ["bench", "--quality", "--cache", str(cache_path), "--json", str(out), "--output-dir",
+            str(tmp_path / "runs"), "--d-sae", "128", "--prefix-sizes", "16", "64", "128", "--k", "8",
+            "--k-aux", "16", "--batch-size", "256", "--total-tokens", str(256 * 20), "--warmup-steps", "2",
+            "--calibration-tokens", "512", "--device", "cpu"]
+    assert main(args) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"plain", "matryoshka"}
+    assert main(args) == 0  # a second benchmark replaces the first one's runs
     assert "--sparsify-python" in capsys.readouterr().err
 
 
