@@ -143,6 +143,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens to evaluate on")
     parser.add_argument("--batch-size", type=int, default=4, help="contexts per forward pass")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--interp", action="store_true",
+                        help="also the co-firing hierarchy of the latents per prefix group (pseudo-groups by firing "
+                             "frequency for a plain transcoder; docs/evaluation.md), in the report and a second plot")
 
 
 def load_for_eval(spec: str, device: str):
@@ -159,6 +162,7 @@ def load_for_eval(spec: str, device: str):
 
 def eval_command(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
     from .evaluate import evaluate, held_out_contexts
+    from .hierarchy import CoFiring
     from .language_model import load_language_model
 
     device = resolve_device(args.device)
@@ -171,10 +175,26 @@ def eval_command(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
                                  first.text_column)
     reports = {}
     for name, model, run_dir in loaded:
-        report = evaluate(model, bridge, contexts, batch_size=args.batch_size)
+        cofiring = CoFiring(model.cfg.d_sae, device=model.W_enc.device) if args.interp else None
+        report = evaluate(model, bridge, contexts, batch_size=args.batch_size, cofiring=cofiring)
+        if cofiring is not None:
+            report["hierarchy"] = interp_report(model, cofiring)
         reports[name if name not in reports else f"{name}-{len(reports)}"] = report
         report["_run_dir"] = str(run_dir) if run_dir is not None else None
     return reports
+
+
+def interp_report(model, cofiring) -> dict:
+    """The hierarchy of a Matryoshka's own groups, or of a plain transcoder's latents cut by frequency into the
+    groups the presets would give a Matryoshka of its width."""
+    from .hierarchy import hierarchy_report
+    from .presets import matryoshka_prefixes
+
+    cfg = model.cfg
+    pseudo = cfg.n_prefixes == 1
+    sizes = matryoshka_prefixes(cfg.d_sae) if pseudo else cfg.prefix_sizes
+    group_sizes = [b - a for a, b in zip([0, *sizes], sizes)]
+    return hierarchy_report(cofiring, group_sizes, model.W_dec, pseudo_groups=pseudo)
 
 
 def write_reports(reports: dict[str, dict], folder: Path, stem: str) -> None:
@@ -188,6 +208,10 @@ def write_reports(reports: dict[str, dict], folder: Path, stem: str) -> None:
     plot_matryoshka_curve(clean, folder / f"{stem}.png")
     print(format_table(clean))
     print(f"wrote {folder / (stem + '.json')} and {folder / (stem + '.png')}")
+    if any("hierarchy" in r for r in clean.values()):
+        from .hierarchy import plot_hierarchy
+
+        print(f"wrote {plot_hierarchy(clean, folder / f'{stem}_hierarchy.png')}")
 
 
 def samples_command(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import load_documents, pack_contexts, special_token_ids, split_documents
+from .hierarchy import CoFiring
 from .language_model import validate_hooks
 from .transcoder import MatryoshkaTranscoder
 
@@ -69,8 +70,8 @@ class PrefixStatistics:
         self.tokens = 0
 
     @torch.no_grad()
-    def add(self, model: MatryoshkaTranscoder, x: Tensor, y: Tensor) -> None:
-        """Add one batch: `x [n, d_in]` and `y [n, d_out]` in the model's dtype and device."""
+    def add(self, model: MatryoshkaTranscoder, x: Tensor, y: Tensor) -> Tensor:
+        """Add one batch: `x [n, d_in]` and `y [n, d_out]` in the model's dtype and device. Returns its latents."""
         latents = model.encode(x)
         skip = x @ model.W_skip if model.W_skip is not None else None
         for g in range(len(self.prefix_sizes)):
@@ -82,6 +83,7 @@ class PrefixStatistics:
         self.y_sum = self.y_sum + y.double().sum(0)
         self.y_sq = self.y_sq + y.double().pow(2).sum()
         self.tokens += len(y)
+        return latents
 
     @property
     def total_variance(self) -> float:
@@ -119,8 +121,9 @@ class _Totals:
 
 @torch.no_grad()
 def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: int = 4,
-             progress: Callable[[int], None] | None = None) -> dict:
-    """Evaluate `model` (source -> target hooks from its config) on `contexts`; returns the eval report."""
+             progress: Callable[[int], None] | None = None, cofiring: CoFiring | None = None) -> dict:
+    """Evaluate `model` (source -> target hooks from its config) on `contexts`; returns the eval report.
+    With `cofiring`, the held-out latents are also added to it (for `hierarchy_report`)."""
     cfg = model.cfg
     source, target = cfg.source_hook, cfg.target_hook
     validate_hooks(bridge, [source, target])
@@ -145,7 +148,9 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
 
         x = cache[source][keep].to(model.W_enc.dtype)
         y = cache[target][keep].to(model.W_enc.dtype)
-        statistics.add(model, x, y)
+        latents = statistics.add(model, x, y)
+        if cofiring is not None:
+            cofiring.update(latents)
 
         hooked: dict[str, Tensor] = {}  # the source activation of the pass in progress
 
@@ -204,6 +209,13 @@ def format_table(reports: dict[str, dict]) -> str:
         if "k" in report:  # JumpReLU sparsity against the BatchTopK k it was trained at
             lines.append(f"{name}: full-model L0 {report['full']['l0']:.1f} for k={report['k']} "
                          f"({100 * (report['l0_over_k'] - 1):+.1f}%)")
+    for name, report in reports.items():
+        if "hierarchy" in report:
+            h = report["hierarchy"]
+            shares = ", ".join(f"group {g['group']} {g['hierarchy_share']:.2f}" for g in h["groups"])
+            kind = "frequency pseudo-groups" if h["pseudo_groups"] else "prefix groups"
+            lines.append(f"{name}: share of latents whose best earlier parent fires with them >= {h['threshold']} "
+                         f"of the time ({kind}): {h['hierarchy_share']:.2f} ({shares})")
     return "\n".join(lines)
 
 

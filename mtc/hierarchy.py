@@ -184,7 +184,15 @@ class Hierarchy:
     def summary(self) -> dict:
         mean = lambda t: float(t.float().mean()) if len(t) else float("nan")  # noqa: E731
         return {"hierarchy_share": self.share, "p_parent_mean": mean(self.p_parent), "lift_mean": mean(self.lift),
+                "lift_median": float(self.lift.median()) if len(self.lift) else float("nan"),
                 "parent_decoder_cos_mean": mean(self.decoder_cos), "n_children": len(self.latents)}
+
+    def subset(self, keep: Tensor, threshold: float) -> Hierarchy:
+        """The children selected by the boolean mask `keep`, with their own share."""
+        p_parent = self.p_parent[keep]
+        share = float((p_parent >= threshold).float().mean()) if len(p_parent) else float("nan")
+        return Hierarchy(latents=self.latents[keep], parents=self.parents[keep], p_parent=p_parent,
+                         lift=self.lift[keep], decoder_cos=self.decoder_cos[keep], share=share)
 
 
 def hierarchy(cofiring: CoFiring, group_sizes: list[int], W_dec: Float[Tensor, "d_sae d_out"],
@@ -207,6 +215,59 @@ def hierarchy(cofiring: CoFiring, group_sizes: list[int], W_dec: Float[Tensor, "
     lift, decoder_cos = p_parent / base_rate.clamp_min(1e-12), (W[latents] * W[parents]).sum(1)
     return Hierarchy(latents=latents.cpu(), parents=parents.cpu(), p_parent=p_parent.cpu(), lift=lift.cpu(),
                      decoder_cos=decoder_cos.cpu(), share=share)
+
+
+HISTOGRAM_BINS = 20  # of P(parent | child) over [0, 1], in the eval report
+
+
+def hierarchy_report(cofiring: CoFiring, group_sizes: list[int], W_dec: Float[Tensor, "d_sae d_out"],
+                     pseudo_groups: bool, threshold: float = 0.9) -> dict:
+    """The co-firing hierarchy of a transcoder, overall and per later group (the eval report's `hierarchy`).
+    `pseudo_groups`: cut the latents, ordered by firing frequency, into groups of `group_sizes` (a plain
+    transcoder); otherwise the groups are the latents in index order (a Matryoshka's own)."""
+    order = cofiring.frequency_order() if pseudo_groups else None
+    tree = hierarchy(cofiring, group_sizes, W_dec, order=order, threshold=threshold)
+    d_sae = len(cofiring.counts)
+    rank = torch.arange(d_sae)
+    if order is not None:
+        rank[order.cpu()] = torch.arange(d_sae)
+    child_group = torch.bucketize(rank[tree.latents], torch.tensor(group_sizes).cumsum(0), right=True)
+    groups = []
+    for g in range(1, len(group_sizes)):
+        part = tree.subset(child_group == g, threshold)
+        histogram = torch.histc(part.p_parent.float(), bins=HISTOGRAM_BINS, min=0.0, max=1.0)
+        groups.append({"group": g + 1, "latents": group_sizes[g], **part.summary(),
+                       "p_parent_histogram": [int(c) for c in histogram.tolist()]})
+    return {"pseudo_groups": pseudo_groups, "threshold": threshold, "group_sizes": list(group_sizes),
+            "tokens": cofiring.n_tokens, **tree.summary(), "groups": groups}
+
+
+def plot_hierarchy(reports: dict[str, dict], path: Path) -> Path:
+    """One panel per later group: the distribution of P(parent | child), one line per report with a hierarchy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = {name: r["hierarchy"] for name, r in reports.items() if "hierarchy" in r}
+    n_panels = max(len(h["groups"]) for h in reports.values())
+    fig, axes = plt.subplots(1, n_panels, figsize=(4 * n_panels, 3.5), squeeze=False)
+    edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
+    for name, report in reports.items():
+        kind = " (frequency pseudo-groups)" if report["pseudo_groups"] else ""
+        for ax, group in zip(axes[0], report["groups"]):
+            counts = np.asarray(group["p_parent_histogram"], dtype=float)
+            ax.stairs(counts / max(counts.sum(), 1), edges, label=f"{name}{kind}: {group['hierarchy_share']:.2f}")
+            ax.set_title(f"group {group['group']}: P(parent fires | latent fires)")
+    for ax in axes[0]:
+        ax.axvline(next(iter(reports.values()))["threshold"], color="grey", linestyle=":")
+        ax.set_xlabel("P(parent | child), best parent in earlier groups")
+        ax.set_ylabel("share of the group's latents")
+        ax.legend(fontsize=7, title="share at the threshold", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------- evaluation and training on the toy

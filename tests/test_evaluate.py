@@ -131,3 +131,22 @@ def test_held_out_contexts_are_spread_over_the_held_out_text(gemma2_bridge):
     assert len(chosen) == 10
     assert torch.equal(chosen[0], stream[0]) and torch.equal(chosen[-1], stream[39])
     assert not torch.equal(chosen[1], stream[1]), "not simply the first contexts"
+
+
+def test_eval_interp_adds_the_cofiring_hierarchy_per_group(gemma2_bridge, tiny_dirs, tmp_path):
+    model = identity_transcoder()  # group 2 holds relu(-x): each latent excludes its mirror in group 1
+    model.cfg = model.cfg.replace(model_name=str(tiny_dirs["gemma2"]), seq_len=32)
+    run = tmp_path / "run"
+    mtc.save(model, run / "final")
+    result = subprocess.run([sys.executable, "-m", "mtc", "eval", "--run", str(run), "--tokens", "200", "--interp"],
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    hierarchy = json.loads((run / "eval.json").read_text())["hierarchy"]
+    assert not hierarchy["pseudo_groups"] and hierarchy["group_sizes"] == [64, 64]
+    (group,) = hierarchy["groups"]
+    assert group["group"] == 2 and group["latents"] == 64
+    assert sum(group["p_parent_histogram"]) == group["n_children"] > 0
+    # the mirror latent never fires with its child, so no child's parent shares its (orthogonal) decoder direction
+    assert group["parent_decoder_cos_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert (run / "eval_hierarchy.png").stat().st_size > 1000
+    assert "prefix groups" in result.stdout

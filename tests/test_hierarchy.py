@@ -7,7 +7,7 @@ import torch
 
 from mtc import TranscoderConfig
 from mtc.hierarchy import (CoFiring, FeatureTree, ToyHierarchyStore, absorption_rates, compare_on_toy, hierarchy,
-                           toy_report)
+                           hierarchy_report, toy_report)
 from mtc.transcoder import MatryoshkaTranscoder
 
 TREE = FeatureTree(n_parents=3, children_per_parent=3, p_parent=0.3, p_child=0.9)
@@ -180,3 +180,18 @@ def test_plain_and_matryoshka_train_on_the_toy_and_report(tmp_path, one_thread):
     # the runs went through the real Trainer: final/ folders in raw units
     assert (tmp_path / "plain-seed0" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "matryoshka-seed0" / "final" / "model.safetensors").is_file()
+
+
+def test_hierarchy_report_summarises_each_later_group():
+    latents = planted_firing(20_000)  # latent 7 fires only with latent 2
+    cofiring = CoFiring(12)
+    cofiring.update(latents)
+    report = hierarchy_report(cofiring, [4, 4, 4], torch.randn(12, 16), pseudo_groups=False)
+    assert [g["group"] for g in report["groups"]] == [2, 3] and report["n_children"] == 8
+    second, third = report["groups"]
+    assert second["n_children"] == 4 and second["hierarchy_share"] == 0.25  # latent 7 of 4-7
+    assert third["n_children"] == 4 and third["hierarchy_share"] == 0.0
+    report = hierarchy_report(cofiring, [4, 8], torch.randn(12, 16), pseudo_groups=False)
+    (group,) = report["groups"]
+    assert group["hierarchy_share"] == pytest.approx(1 / 8) == report["hierarchy_share"]
+    assert group["p_parent_histogram"][-1] == 1 and sum(group["p_parent_histogram"]) == 8
