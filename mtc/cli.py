@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--device", default="auto")
 
     compare = commands.add_parser("compare", help="evaluate several transcoders on the same held-out tokens")
-    compare.add_argument("runs", nargs="+", help="run dirs / model folders, or Gemma Scope params.npz files")
+    compare.add_argument("runs", nargs="+", help="run dirs / model folders, or Gemma Scope params.npz / Gemma Scope 2 params.safetensors files")
     compare.add_argument("--out", default=".", help="folder for compare.json and compare.png")
     add_eval_arguments(compare)
 
@@ -152,8 +152,8 @@ def load_for_eval(spec: str, device: str):
     """(name, model, report folder) for a run dir / model folder / Gemma Scope params.npz."""
     from .checkpoint import load, model_folder
 
-    if spec.endswith(".npz") or "gemma-scope" in spec:
-        from .interop import load_gemma_scope
+    if spec.endswith((".npz", "params.safetensors")) or "gemma-scope" in spec:
+        from .gemma_scope import load_gemma_scope
 
         return Path(spec).parent.name or spec, load_gemma_scope(spec, device=device), None
     folder, run_dir = model_folder(spec)

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from .checkpoint import load, model_folder, remove_checkpoint
-from .interop import (CIRCUIT_TRACER_CONFIG, GEMMA_SCOPE_FILE, SAELENS_CONFIG, export_circuit_tracer,
-                      export_gemma_scope, export_saelens)
+from .gemma_scope import GEMMA_SCOPE_FILE, export_gemma_scope
+from .interop import CIRCUIT_TRACER_CONFIG, SAELENS_CONFIG, export_circuit_tracer, export_saelens
 from .language_model import hook_layer
 from .sets import TranscoderSet, is_set, load_set
 from .transcoder import MatryoshkaTranscoder

@@ -2,7 +2,7 @@
 
 | format | files | layout |
 | --- | --- | --- |
-| Gemma Scope | `params.npz` | `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_out]`, `b_enc`, `b_dec`, `threshold [d_sae]` |
+| Gemma Scope (`mtc/gemma_scope.py`) | `params.npz` | `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_out]`, `b_enc`, `b_dec`, `threshold [d_sae]` |
 | SAELens (v6) | `cfg.json`, `sae_weights.safetensors` | as Gemma Scope; `W_skip [d_out, d_in]`, used as `x @ W_skip.T` |
 | circuit-tracer | `config.yaml`, `layer_<L>.safetensors` | `W_enc [d_sae, d_model]` (transposed), `W_dec [d_sae, d_model]`, `b_enc`, `b_dec`, `activation_function.threshold [d_sae]`, `W_skip [d_model, d_model]` used as `x @ W_skip.T` |
 
@@ -14,164 +14,22 @@ threshold is written as a constant array. Foreign files load as `JumpReLUTransco
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, atomic_write_bytes, check_state_matches, load
-from .config import TranscoderConfig, torch_dtype
-from .language_model import GEMMA_2_2B, default_hooks
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, atomic_write_bytes, load
+from .config import TranscoderConfig
+from .jumprelu import JumpReLUTranscoder, build_jumprelu, detached_cpu, foreign_config, per_latent_threshold
 from .transcoder import MatryoshkaTranscoder
 
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 CIRCUIT_TRACER_CONFIG = "config.yaml"
-GEMMA_SCOPE_FILE = "params.npz"
-GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-
-
-class JumpReLUTranscoder(MatryoshkaTranscoder):
-    """A `MatryoshkaTranscoder` with one JumpReLU threshold per latent (`threshold [d_sae]`), the form
-    Gemma Scope, SAELens and circuit-tracer store. `encode` broadcasts `a > threshold` unchanged."""
-
-    def __init__(self, cfg: TranscoderConfig, device: torch.device | str | None = None):
-        super().__init__(cfg, device=device)
-        self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=torch.float32, device=device))
-
-
-def per_latent_threshold(model: MatryoshkaTranscoder) -> torch.Tensor:
-    """The threshold as a `[d_sae]` tensor, whether the model stores a scalar or one per latent."""
-    return model.threshold.detach().expand(model.cfg.d_sae).contiguous().cpu()
-
-
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().cpu()
-
-
-def _build(cfg: TranscoderConfig, tensors: dict[str, torch.Tensor], source: str,
-           device: torch.device | str | None) -> JumpReLUTranscoder:
-    """A `JumpReLUTranscoder` holding `tensors` (our parameter names and shapes)."""
-    model = JumpReLUTranscoder(cfg, device=device)
-    dtype = torch_dtype(cfg.dtype)
-    tensors = {name: t.to(dtype) for name, t in tensors.items()}
-    check_state_matches(model, tensors, source=source)
-    model.load_state_dict(tensors)
-    return model.eval()
-
-
-def _foreign_config(mtc_config: dict[str, Any] | None, **fields: Any) -> TranscoderConfig:
-    """Our own config when the file carries it (exports of ours), else one built from the format's
-    fields. `k` only matters for training; it is capped so that small dictionaries validate."""
-    if mtc_config:
-        return TranscoderConfig.from_dict(mtc_config)
-    fields.setdefault("k", min(TranscoderConfig.k, fields["d_sae"]))
-    return TranscoderConfig(prefix_sizes=[fields["d_sae"]], **fields)
-
-
-# ---------------------------------------------------------------------- Gemma Scope
-def export_gemma_scope(model: MatryoshkaTranscoder, path: str | Path) -> Path:
-    """Write a Gemma Scope `params.npz` (JumpReLU transcoder): `W_enc [d_in, d_sae]`,
-    `W_dec [d_sae, d_out]`, `b_enc`, `b_dec` and `threshold` as a per-latent array.
-
-    The prefix structure needs no extra data: prefix g is the first `prefix_sizes[g-1]` latents.
-    """
-    if model.W_skip is not None:
-        raise ValueError("the Gemma Scope format has no skip path (W_skip); train with "
-                         "skip_connection=False or save with mtc.save instead")
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path / "params.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {name: getattr(model, name).detach().float().cpu().numpy()
-              for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
-    arrays["threshold"] = per_latent_threshold(model).float().numpy()
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-    return path
-
-
-def _gemma_scope_file(source: str | Path) -> Path:
-    """A local `params.npz`, or `<org>/<repo>/<path in repo>` downloaded from the Hugging Face Hub."""
-    if Path(source).is_file():
-        return Path(source)
-    parts = str(source).strip("/").split("/")
-    if Path(source).is_absolute() or len(parts) < 3:
-        raise FileNotFoundError(f"{source} is not a file; pass a local params.npz or a hub path like "
-                                "google/gemma-scope-2b-pt-transcoders/layer_17/width_16k/average_l0_XX/params.npz")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
-    except Exception as err:
-        raise RuntimeError(
-            f"{source} is not a local file, and downloading {filename} from the Hugging Face Hub repo "
-            f"{repo_id} failed ({type(err).__name__}: {err}). This needs network access (HF_HUB_OFFLINE "
-            "unset) and, for gated or private repos, a token in HF_TOKEN; otherwise download params.npz "
-            "elsewhere and pass its local path.") from err
-
-
-def check_gemma_scope_arrays(arrays: dict[str, np.ndarray], source: str = GEMMA_SCOPE_FILE) -> None:
-    """Raise `ValueError` naming the first missing key or wrong shape of a Gemma Scope transcoder."""
-    missing = [key for key in GEMMA_SCOPE_KEYS if key not in arrays]
-    if missing:
-        raise ValueError(f"{source}: missing key(s) {missing}; a Gemma Scope transcoder has "
-                         f"{list(GEMMA_SCOPE_KEYS)}, this file has {sorted(arrays)}")
-
-    def bad(key: str, expected: str) -> ValueError:
-        return ValueError(f"{source}: {key} has shape {list(arrays[key].shape)}, expected {expected}")
-
-    if arrays["W_enc"].ndim != 2:
-        raise bad("W_enc", "2-D [d_in, d_sae]")
-    d_in, d_sae = arrays["W_enc"].shape
-    if arrays["W_dec"].ndim != 2 or arrays["W_dec"].shape[0] != d_sae:
-        raise bad("W_dec", f"[d_sae, d_out] = [{d_sae}, d_out] (d_sae from W_enc [{d_in}, {d_sae}])")
-    d_out = arrays["W_dec"].shape[1]
-    expected = {"b_enc": (d_sae,), "b_dec": (d_out,)}
-    for key, shape in expected.items():
-        if arrays[key].shape != shape:
-            raise bad(key, str(list(shape)))
-    if arrays["threshold"].shape not in ((d_sae,), ()):
-        raise bad("threshold", f"[{d_sae}] (one per latent) or a scalar")
-
-
-def load_gemma_scope(source: str | Path, device: torch.device | str = "cpu",
-                     layer: int | None = None) -> JumpReLUTranscoder:
-    """A transcoder from a Gemma Scope `params.npz`: a local path, or
-    `google/gemma-scope-2b-pt-transcoders/layer_<L>/width_16k/average_l0_<N>/params.npz` on the hub.
-
-    Hooks are those the tools that use Gemma Scope transcoders feed them, `blocks.L.ln2.hook_normalized` ->
-    `blocks.L.hook_mlp_out` (mtc's default pair too): SAELens 6 (`get_gemma_2_transcoder_config_from_hf`),
-    and circuit-tracer, whose nnsight mapping reads `ln2.hook_normalized` at the pre-MLP RMSNorm's
-    normalisation, before its gain, as mtc's bridge hook does. So `mtc compare` evaluates a Gemma Scope
-    file on the input circuit-tracer gives it. `L` comes from a `layer_<L>` path component, else `layer`.
-    """
-    path = _gemma_scope_file(source)
-    with np.load(path) as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    check_gemma_scope_arrays(arrays, source=str(source))
-    found = re.search(r"(?:^|/)layer_(\d+)(?:/|$)", str(source).replace(os.sep, "/"))
-    if found is None and layer is None:
-        raise ValueError(f"no layer_<L> component in {source}; pass layer=L so the hooks can be named")
-    layer = int(found.group(1)) if found else layer
-    l0 = re.search(r"average_l0_(\d+)", str(source))
-    d_in, d_sae = arrays["W_enc"].shape
-    d_out = arrays["W_dec"].shape[1]
-    source_hook, target_hook = default_hooks(layer)
-    fields: dict[str, Any] = dict(d_in=d_in, d_out=d_out, d_sae=d_sae, model_name=GEMMA_2_2B,
-                                  source_hook=source_hook, target_hook=target_hook)
-    if l0 and 1 <= int(l0.group(1)) <= d_sae:
-        fields["k"] = int(l0.group(1))
-    tensors = {key: torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)) for key in GEMMA_SCOPE_KEYS}
-    tensors["threshold"] = tensors["threshold"].expand(d_sae).contiguous()
-    return _build(_foreign_config(None, **fields), tensors, str(source), device)
 
 
 # ---------------------------------------------------------------------- SAELens
@@ -182,10 +40,10 @@ def export_saelens(model: MatryoshkaTranscoder, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    tensors = {name: _cpu(getattr(model, name)) for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    tensors = {name: detached_cpu(getattr(model, name)) for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
     tensors["threshold"] = per_latent_threshold(model)
     if model.W_skip is not None:
-        tensors["W_skip"] = _cpu(model.W_skip.T)  # SAELens: [d_out, d_in]
+        tensors["W_skip"] = detached_cpu(model.W_skip.T)  # SAELens: [d_out, d_in]
     config = {
         "architecture": "jumprelu_skip_transcoder" if model.W_skip is not None else "jumprelu_transcoder",
         "d_in": cfg.d_in, "d_sae": cfg.d_sae, "d_out": cfg.d_out, "dtype": cfg.dtype, "device": "cpu",
@@ -229,11 +87,11 @@ def _load_saelens(folder: Path, device: torch.device | str | None) -> JumpReLUTr
     tensors = load_file(str(folder / SAELENS_WEIGHTS))
     if "W_skip" in tensors:
         tensors["W_skip"] = tensors["W_skip"].T.contiguous()
-    cfg = _foreign_config(meta.get("mtc_config"), d_in=config["d_in"], d_out=config["d_out"],
+    cfg = foreign_config(meta.get("mtc_config"), d_in=config["d_in"], d_out=config["d_out"],
                           d_sae=config["d_sae"], skip_connection="W_skip" in tensors,
                           dtype=config.get("dtype", "float32"), model_name=meta.get("model_name") or "unknown",
                           source_hook=meta["hook_name"], target_hook=meta["hook_name_out"])
-    return _build(cfg, tensors, str(folder / SAELENS_WEIGHTS), device)
+    return build_jumprelu(cfg, tensors, str(folder / SAELENS_WEIGHTS), device)
 
 
 # ---------------------------------------------------------------------- circuit-tracer
@@ -268,10 +126,11 @@ def export_circuit_tracer(model: MatryoshkaTranscoder, folder: str | Path, layer
     if clashes:
         raise ValueError(f"{config_path} belongs to a different transcoder set ({'; '.join(clashes)}); "
                          "export into another folder")
-    tensors = {"W_enc": _cpu(model.W_enc.T), "W_dec": _cpu(model.W_dec), "b_enc": _cpu(model.b_enc),
-               "b_dec": _cpu(model.b_dec), "activation_function.threshold": per_latent_threshold(model)}
+    tensors = {"W_enc": detached_cpu(model.W_enc.T), "W_dec": detached_cpu(model.W_dec),
+               "b_enc": detached_cpu(model.b_enc), "b_dec": detached_cpu(model.b_dec),
+               "activation_function.threshold": per_latent_threshold(model)}
     if model.W_skip is not None:
-        tensors["W_skip"] = _cpu(model.W_skip.T)  # circuit-tracer computes x @ W_skip.T
+        tensors["W_skip"] = detached_cpu(model.W_skip.T)  # circuit-tracer computes x @ W_skip.T
     atomic_save_tensors(tensors, folder / f"layer_{layer}.safetensors",
                       {"format": "pt", "mtc_config": cfg.to_json()})
     layers = sorted(int(m.group(1)) for p in folder.glob("layer_*.safetensors")
@@ -303,11 +162,11 @@ def _load_circuit_tracer(folder: Path, layer: int | None, device: torch.device |
         tensors["W_skip"] = tensors["W_skip"].T.contiguous()
     d_sae, d_model = tensors["W_dec"].shape
     mtc_config = json.loads(header["mtc_config"]) if "mtc_config" in header else None
-    cfg = _foreign_config(mtc_config, d_in=d_model, d_out=d_model, d_sae=d_sae,
+    cfg = foreign_config(mtc_config, d_in=d_model, d_out=d_model, d_sae=d_sae,
                           skip_connection="W_skip" in tensors, model_name=config.get("model_name", "unknown"),
                           source_hook=f"blocks.{layer}.{config['feature_input_hook']}",
                           target_hook=f"blocks.{layer}.{config['feature_output_hook']}")
-    return _build(cfg, tensors, str(path), device)
+    return build_jumprelu(cfg, tensors, str(path), device)
 
 
 # ---------------------------------------------------------------------- any export, W&B
@@ -315,6 +174,8 @@ def load_export(path: str | Path, layer: int | None = None,
                 device: torch.device | str | None = None) -> MatryoshkaTranscoder:
     """Read back any of our exports, recognised by its files: an `mtc.save` folder, a SAELens folder,
     a circuit-tracer folder (`layer` picks one of several layers) or a Gemma Scope `params.npz`."""
+    from .gemma_scope import GEMMA_SCOPE_FILE, load_gemma_scope
+
     path = Path(path)
     if path.is_file() and path.suffix == ".npz":
         return load_gemma_scope(path, device=device or "cpu", layer=layer)
@@ -324,7 +185,7 @@ def load_export(path: str | Path, layer: int | None = None,
         tensors = load_file(str(path / WEIGHTS_FILE))
         if tensors.get("threshold", torch.zeros(())).ndim == 0:
             return load(path, device=device)
-        return _build(TranscoderConfig.load(path / CONFIG_FILE), tensors, str(path / WEIGHTS_FILE), device)
+        return build_jumprelu(TranscoderConfig.load(path / CONFIG_FILE), tensors, str(path / WEIGHTS_FILE), device)
     if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
         return _load_saelens(path, device)
     if (path / CIRCUIT_TRACER_CONFIG).is_file():

@@ -13,9 +13,9 @@ from safetensors.numpy import load_file
 
 import mtc
 from mtc import MatryoshkaTranscoder, TranscoderConfig
+from mtc.gemma_scope import export_gemma_scope, load_gemma_scope
+from mtc.interop import JumpReLUTranscoder, export_circuit_tracer, export_saelens, load_export, load_wandb_artifact
 from mtc.language_model import default_hooks
-from mtc.interop import (JumpReLUTranscoder, export_circuit_tracer, export_gemma_scope, export_saelens,
-                         load_export, load_gemma_scope, load_wandb_artifact)
 
 
 def trained_model(d_in=16, d_out=12, skip=False, **changes):
@@ -223,6 +223,64 @@ def test_load_gemma_scope_needs_a_layer(tmp_path):
     with pytest.raises(ValueError, match="pass layer="):
         load_gemma_scope(tmp_path / "params.npz")
     assert load_gemma_scope(tmp_path / "params.npz", layer=2).cfg.target_hook == "blocks.2.hook_mlp_out"
+
+
+def write_gemma_scope_2(folder, arrays, skip=None, config=None):
+    """A Gemma Scope 2 transcoder as Google publishes it: lower-case keys in params.safetensors, config.json beside."""
+    from safetensors.numpy import save_file
+
+    tensors = {"w_enc": arrays["W_enc"], "w_dec": arrays["W_dec"], "b_enc": arrays["b_enc"], "b_dec": arrays["b_dec"],
+               "threshold": arrays["threshold"]}
+    if skip is not None:
+        tensors["affine_skip_connection"] = skip
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "params.safetensors"))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder / "params.safetensors"
+
+
+def test_load_gemma_scope_2_with_its_affine_skip_and_config_hooks(tmp_path):
+    arrays = random_gemma_scope(d_in=10, d_out=10)
+    skip = np.random.default_rng(2).normal(size=(10, 10)).astype(np.float32)
+    config = {"hf_hook_point_in": "model.layers.6.pre_feedforward_layernorm.output",
+              "hf_hook_point_out": "model.layers.6.post_feedforward_layernorm.output", "width": 32,
+              "model_name": "google/gemma-3-270m", "architecture": "jump_relu", "l0": 7, "affine_connection": True,
+              "type": "transcoder"}
+    path = write_gemma_scope_2(tmp_path / "transcoder_all" / "layer_6_width_16k_l0_small", arrays, skip, config)
+    model = load_gemma_scope(path)
+    cfg = model.cfg
+    assert (cfg.source_hook, cfg.target_hook) == ("blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out")
+    assert (cfg.d_sae, cfg.k, cfg.model_name, cfg.skip_connection) == (32, 7, "google/gemma-3-270m", True)
+    x = inputs(10)
+    np.testing.assert_allclose(ours(model, x), gemma_scope_reference(arrays, x) + x @ skip, rtol=1e-5, atol=1e-4)
+    assert_same_outputs(load_gemma_scope(str(path)), model, x)
+
+
+def test_load_gemma_scope_2_without_config_takes_the_layer_from_the_path(tmp_path):
+    arrays = random_gemma_scope()
+    path = write_gemma_scope_2(tmp_path / "layer_11_width_16k_l0_big", arrays)
+    model = load_gemma_scope(path)
+    assert (model.cfg.source_hook, model.cfg.target_hook) == ("blocks.11.mlp.hook_in", "blocks.11.hook_mlp_out")
+    assert model.W_skip is None
+    np.testing.assert_allclose(ours(model, inputs(10)), gemma_scope_reference(arrays, inputs(10)), rtol=1e-5, atol=1e-5)
+
+
+def test_load_gemma_scope_2_names_what_is_wrong(tmp_path):
+    arrays = random_gemma_scope()
+    bad_point = write_gemma_scope_2(tmp_path / "a" / "layer_1", arrays, config={
+        "hf_hook_point_in": "model.layers.1.self_attn.o_proj.input", "hf_hook_point_out": "model.layers.1.output"})
+    with pytest.raises(ValueError, match=r"self_attn.o_proj.input' has no mtc equivalent"):
+        load_gemma_scope(bad_point)
+    bad_skip = write_gemma_scope_2(tmp_path / "b" / "layer_1", arrays, skip=np.zeros((6, 10), np.float32))
+    with pytest.raises(ValueError, match=r"affine_skip_connection has shape \[6, 10\], expected \[10, 6\]"):
+        load_gemma_scope(bad_skip)
+    from safetensors.numpy import save_file
+
+    (tmp_path / "c" / "layer_1").mkdir(parents=True)
+    save_file({"w_enc": arrays["W_enc"]}, str(tmp_path / "c" / "layer_1" / "params.safetensors"))
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['w_dec', 'b_enc', 'b_dec', 'threshold'\]"):
+        load_gemma_scope(tmp_path / "c" / "layer_1" / "params.safetensors")
 
 
 @pytest.mark.parametrize("key, value, message", [
