@@ -39,6 +39,9 @@ mtc):
     .venv-sparsify/bin/pip install eai-sparsify torch==2.13.0
     .venv-sparsify/bin/python benchmarks/quality_sparsify.py --cache runs/quality/demo-cache.safetensors \\
         --json sparsify.json [--normalize mean_norm] [--skip] [--threads 1]
+
+`python -m mtc bench --quality --sparsify-python .venv-sparsify/bin/python` runs it the same way, in mtc's units at
+the preset's width, k and batch size, and adds its row to the quality table.
 """
 
 from __future__ import annotations
