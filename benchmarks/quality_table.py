@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write the L0-FVU plot here (.png)")
     args = parser.parse_args()
     rows = [row for path in args.sweep for row in sweep_rows(path)] + [sparsify_row(p) for p in args.sparsify]
+    rows.sort(key=lambda r: (r["trainer"], r["tokens"], r["d_sae"], r["k"]))  # stable: a sweep's order within
     if not rows:
         raise SystemExit("give --sweep and/or --sparsify files")
     print(markdown(rows))
