@@ -368,7 +368,8 @@ def run_and_report(train: Callable[[], object], runs: Callable[[], list], set_di
         cfg, metrics = run.cfg, run.last_metrics
         prefixes = " ".join(f"{metrics[f'fvu/prefix_{g}']:.3f}" for g in range(1, cfg.n_prefixes + 1))
         print(f"{cfg.run_name}: final fvu={metrics['fvu']:.4f} (per prefix {prefixes}) l0={metrics['l0']:.1f} "
-              f"dead={metrics['dead_pct']:.1f}% tokens/s={metrics['tokens_per_s']:,.0f}")
+              f"dead={metrics['dead_pct']:.1f}% (silent for {cfg.dead_after_tokens:,} tokens, the AuxK window) "
+              f"tokens/s={metrics['tokens_per_s']:,.0f}")
         if set_dir is None:
             print(f"run_dir: {cfg.run_dir}")
             if run.mirror_dir is not None:
