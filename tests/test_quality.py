@@ -69,13 +69,18 @@ def test_quality_trains_plain_and_matryoshka_on_the_same_rows(tmp_path):
         run_quality(cfg.replace(d_in=32), synthetic_cache(n_train=300, n_eval=10))
 
 
-def test_bench_quality_command_reads_an_existing_cache(tmp_path, capsys):
+def bench_quality_args(tmp_path, out):
+    """`mtc bench --quality` on a small synthetic cache, its report to `out`."""
     cache_path = synthetic_cache().save(tmp_path / "cache.safetensors")
-    out = tmp_path / "quality.json"
-    args = ["bench", "--quality", "--cache", str(cache_path), "--json", str(out), "--output-dir",
+    return ["bench", "--quality", "--cache", str(cache_path), "--json", str(out), "--output-dir",
             str(tmp_path / "runs"), "--d-sae", "128", "--prefix-sizes", "16", "64", "128", "--k", "8",
             "--k-aux", "16", "--batch-size", "256", "--total-tokens", str(256 * 20), "--warmup-steps", "2",
             "--calibration-tokens", "512", "--device", "cpu"]
+
+
+def test_bench_quality_command_reads_an_existing_cache(tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    args = bench_quality_args(tmp_path, out)
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"plain", "matryoshka"}
@@ -116,12 +121,8 @@ def test_bench_quality_adds_sparsify_in_mtc_units_from_its_python(tmp_path, caps
     fake.parent.mkdir()
     fake.write_text(FAKE_SPARSIFY)
     fake.chmod(0o755)
-    cache_path = synthetic_cache().save(tmp_path / "cache.safetensors")
     out = tmp_path / "quality.json"
-    args = ["bench", "--quality", "--cache", str(cache_path), "--json", str(out), "--output-dir",
-            str(tmp_path / "runs"), "--d-sae", "128", "--prefix-sizes", "16", "64", "128", "--k", "8",
-            "--k-aux", "16", "--batch-size", "256", "--total-tokens", str(256 * 20), "--warmup-steps", "2",
-            "--calibration-tokens", "512", "--device", "cpu"]
+    args = bench_quality_args(tmp_path, out)
     assert main(args + ["--sparsify-python", str(tmp_path / "missing" / "python")]) != 0
     assert "--sparsify-python" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # the check comes before any training
