@@ -176,8 +176,9 @@ def _load_gemma_scope_2(path: Path, source: str | Path, device: torch.device | s
         raise ValueError(f"{source}: affine_skip_connection has shape {list(skip.shape)}, expected [{d_in}, {d_out}]")
     fields: dict[str, Any] = dict(d_in=d_in, d_out=d_out, d_sae=d_sae, source_hook=source_hook, target_hook=target_hook,
                                   skip_connection=skip is not None)
-    if config.get("model_name"):
-        fields["model_name"] = config["model_name"]
+    named = re.search(r"gemma-scope-2-(\d+[mb])", str(source))  # the repo names the model: gemma-scope-2-270m-pt
+    if config.get("model_name") or named:
+        fields["model_name"] = config.get("model_name") or f"google/gemma-3-{named.group(1)}"
     if isinstance(config.get("l0"), int) and 1 <= config["l0"] <= d_sae:
         fields["k"] = config["l0"]
     ours = {"W_enc": tensors["w_enc"], "W_dec": tensors["w_dec"], "b_enc": tensors["b_enc"], "b_dec": tensors["b_dec"],

@@ -264,6 +264,8 @@ def test_load_gemma_scope_2_without_config_takes_the_layer_from_the_path(tmp_pat
     assert (model.cfg.source_hook, model.cfg.target_hook) == ("blocks.11.mlp.hook_in", "blocks.11.hook_mlp_out")
     assert model.W_skip is None
     np.testing.assert_allclose(ours(model, inputs(10)), gemma_scope_reference(arrays, inputs(10)), rtol=1e-5, atol=1e-5)
+    named = write_gemma_scope_2(tmp_path / "gemma-scope-2-270m-pt" / "transcoder_all" / "layer_3_width_16k_l0_small", arrays)
+    assert load_gemma_scope(named).cfg.model_name == "google/gemma-3-270m"  # from the repository's name
 
 
 def test_load_gemma_scope_2_names_what_is_wrong(tmp_path):
