@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from .activations import ActivationBatch, build_store
@@ -51,10 +51,10 @@ class ActivationCache:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).contiguous() for name in
+        tensors = {name: getattr(self, name).float().contiguous() for name in
                    ("train_source", "train_target", "eval_source", "eval_target")}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in self.meta.items()})
+        write_safetensors(tensors, tmp, metadata={k: str(v) for k, v in self.meta.items()})
         tmp.replace(path)
         return path
 
@@ -69,6 +69,24 @@ class ActivationCache:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         return cls(**load_file(str(path)), meta=meta)
+
+
+def write_safetensors(tensors: dict[str, Float[Tensor, "..."]], path: Path, metadata: dict[str, str]) -> None:
+    """A float32 safetensors file written one tensor at a time: unlike `safetensors.torch.save_file`, no second
+    copy of the data in memory (a 2M-token cache of two 640-wide hooks is 10.5 GB)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for tensor in tensors.values():
+            f.write(memoryview(tensor.numpy()).cast("B"))
 
 
 @torch.no_grad()
