@@ -145,7 +145,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--interp", action="store_true",
                         help="also the co-firing hierarchy of the latents per prefix group (pseudo-groups by firing "
-                             "frequency for a plain transcoder; docs/evaluation.md), in the report and a second plot")
+                             "frequency for a plain transcoder; docs/evaluation.md), in the report and a second plot, "
+                             "and SAEBench's first-letter absorption on the source hook")
+    parser.add_argument("--absorption-words", type=int, default=4000,
+                        help="--interp: alphabetic vocabulary tokens sampled for first-letter absorption (0: skip it)")
+    parser.add_argument("--absorption-min-letters", type=int, default=20,
+                        help="--interp: letters whose probe must reach F1 > 0.6 for the absorption score to count "
+                             "(SAEBench: 20)")
 
 
 def load_for_eval(spec: str, device: str):
@@ -179,6 +185,8 @@ def eval_command(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
         report = evaluate(model, bridge, contexts, batch_size=args.batch_size, cofiring=cofiring)
         if cofiring is not None:
             report["hierarchy"] = interp_report(model, cofiring)
+            if args.absorption_words:
+                report["absorption"] = absorption_report(model, bridge, contexts, cofiring, args)
         reports[name if name not in reports else f"{name}-{len(reports)}"] = report
         report["_run_dir"] = str(run_dir) if run_dir is not None else None
     return reports
@@ -195,6 +203,33 @@ def interp_report(model, cofiring) -> dict:
     sizes = matryoshka_prefixes(cfg.d_sae) if pseudo else cfg.prefix_sizes
     group_sizes = [b - a for a, b in zip([0, *sizes], sizes)]
     return hierarchy_report(cofiring, group_sizes, model.W_dec, pseudo_groups=pseudo)
+
+
+def absorption_report(model, bridge, contexts, cofiring, args: argparse.Namespace) -> dict:
+    """First-letter absorption on the source hook (mtc/first_letter.py), with latents grouped as in
+    `interp_report`."""
+    import random
+
+    import torch
+
+    from .first_letter import alpha_words, first_letter_absorption, probe_space, source_activations
+    from .hierarchy import latent_groups
+    from .presets import matryoshka_prefixes
+
+    cfg = model.cfg
+    pseudo = cfg.n_prefixes == 1
+    rank = torch.arange(cfg.d_sae)
+    if pseudo:
+        rank[cofiring.frequency_order().cpu()] = torch.arange(cfg.d_sae)
+    groups = latent_groups(rank, matryoshka_prefixes(cfg.d_sae) if pseudo else cfg.prefix_sizes)
+    x = source_activations(bridge, cfg.source_hook, contexts, args.batch_size)
+    directions, projection = probe_space(model, x)
+    words = alpha_words(bridge.tokenizer)
+    if len(words) > args.absorption_words:
+        words = sorted(random.Random(0).sample(words, args.absorption_words))
+    report = first_letter_absorption(model, bridge, words, directions, groups,
+                                     min_letters=args.absorption_min_letters)
+    return {"projection": projection, "pseudo_groups": pseudo, **report}
 
 
 def write_reports(reports: dict[str, dict], folder: Path, stem: str) -> None:

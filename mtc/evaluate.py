@@ -216,6 +216,12 @@ def format_table(reports: dict[str, dict]) -> str:
             kind = "frequency pseudo-groups" if h["pseudo_groups"] else "prefix groups"
             lines.append(f"{name}: share of latents whose best earlier parent fires with them >= {h['threshold']} "
                          f"of the time ({kind}): {h['hierarchy_share']:.2f} ({shares})")
+        if "absorption" in report:
+            a = report["absorption"]
+            lines.append(f"{name}: first-letter absorption {a['mean_absorption_fraction']:.3f}, full absorption "
+                         f"{a['mean_full_absorption']:.3f}, main latents per letter {a['mean_split_latents']:.2f} "
+                         f"({a['letters_passing']} letters with probe F1 > {a['min_f1']}"
+                         + ("" if a["enough_letters"] else f", fewer than the {a['min_letters']} required") + ")")
     return "\n".join(lines)
 
 

@@ -138,7 +138,8 @@ def test_eval_interp_adds_the_cofiring_hierarchy_per_group(gemma2_bridge, tiny_d
     model.cfg = model.cfg.replace(model_name=str(tiny_dirs["gemma2"]), seq_len=32)
     run = tmp_path / "run"
     mtc.save(model, run / "final")
-    result = subprocess.run([sys.executable, "-m", "mtc", "eval", "--run", str(run), "--tokens", "200", "--interp"],
+    result = subprocess.run([sys.executable, "-m", "mtc", "eval", "--run", str(run), "--tokens", "200", "--interp",
+                             "--absorption-words", "150", "--absorption-min-letters", "1"],
                             capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     hierarchy = json.loads((run / "eval.json").read_text())["hierarchy"]
@@ -150,3 +151,7 @@ def test_eval_interp_adds_the_cofiring_hierarchy_per_group(gemma2_bridge, tiny_d
     assert group["parent_decoder_cos_mean"] == pytest.approx(0.0, abs=1e-6)
     assert (run / "eval_hierarchy.png").stat().st_size > 1000
     assert "prefix groups" in result.stdout
+    absorbed = json.loads((run / "eval.json").read_text())["absorption"]
+    assert absorbed["projection"] == "decoder" and absorbed["words"] == 150
+    assert len(absorbed["probe_f1"]) == 26 and absorbed["letters_passing"] == len(absorbed["per_letter"])
+    assert "first-letter absorption" in result.stdout

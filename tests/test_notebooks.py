@@ -2,12 +2,13 @@
 
 Each notebook is executed with nbclient (kernel `python3`); its parameters are injected by inserting a
 cell tagged `injected-parameters` right after the cell tagged `parameters`, as papermill does.
-Notebook 01 trains the run once (module fixture); 02 and 03 read it. Notebook 04 trains a set on a tiny Gemma-3
+Notebook 01 trains the run once (module fixture); 02, 03 and 05 read it. Notebook 04 trains a set on a tiny Gemma-3
 and needs circuit-tracer's venv (see tests/test_circuit_tracer.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,9 +20,9 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-TRAIN, MONITOR, INSPECT, ATTRIBUTION = (NOTEBOOKS / name for name in (
+TRAIN, MONITOR, INSPECT, ATTRIBUTION, HIERARCHY = (NOTEBOOKS / name for name in (
     "01_train_matryoshka_transcoder.ipynb", "02_monitor_fvu.ipynb", "03_inspect_activation_samples.ipynb",
-    "04_attribution_graph.ipynb"))
+    "04_attribution_graph.ipynb", "05_matryoshka_hierarchy.ipynb"))
 CELL_TIMEOUT = 300
 
 
@@ -112,6 +113,30 @@ def test_monitor_notebook_plots_training_and_the_matryoshka_curve(trained):
     assert len(outputs(nb, "image/png")) >= 2
 
 
+@pytest.mark.slow
+def test_hierarchy_notebook_compares_plain_and_matryoshka(trained):
+    import mtc
+
+    run_dir, root, _ = trained
+    plain_dir = root / "runs" / "plain"
+    if not plain_dir.exists():  # the same weights read as one prefix: the plain path (frequency pseudo-groups)
+        model = mtc.load(run_dir / "final")
+        model.cfg = model.cfg.replace(prefix_sizes=[model.cfg.d_sae], prefix_weights=None)
+        mtc.save(model, plain_dir / "final")
+    out = root / "hierarchy"
+    nb = execute(HIERARCHY, dict(MATRYOSHKA_RUN=str(run_dir), PLAIN_RUN=str(plain_dir), EVAL_TOKENS=256,
+                                 ABSORPTION_WORDS=150, MIN_LETTERS=1, OUT_DIR=str(out), TOY_SEEDS=[0],
+                                 TOY_TOKENS=1024 * 60),
+                 root / "executed" / HIERARCHY.name)
+    text = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []) if o.get("name") == "stdout")
+    assert "Matryoshka's absorption is" in text and "absorption" in text
+    compare = json.loads((out / "compare.json").read_text())
+    assert set(compare) == {run_dir.name, "plain"}
+    assert compare["plain"]["absorption"]["pseudo_groups"] and not compare[run_dir.name]["absorption"]["pseudo_groups"]
+    assert compare[run_dir.name]["absorption"]["projection"] == "source_decoder"
+    assert len(outputs(nb, "image/png")) >= 3  # toy bars, the hierarchy plot, the absorption panels
+
+
 # Drives the browser's widgets from the kernel: a similar-latent button jumps, a group narrows the slider.
 WIDGET_CHECK = """
 target = similar_latents(slider.value, N_SIMILAR)[0][0]
@@ -177,5 +202,5 @@ def test_attribution_notebook_compares_two_prefixes(tmp_path):
     assert (tmp_path / "runs" / "set-circuit-tracer-p1-graph" / "graph.pt").is_file()
 
 
-def test_all_four_notebooks_exist():
-    assert all(p.is_file() for p in (TRAIN, MONITOR, INSPECT, ATTRIBUTION))
+def test_all_five_notebooks_exist():
+    assert all(p.is_file() for p in (TRAIN, MONITOR, INSPECT, ATTRIBUTION, HIERARCHY))
