@@ -13,7 +13,8 @@ within 10% of plain's.
     python benchmarks/toy_hierarchy.py --sweep     # the training choices that decide it (10-20 minutes)
     python benchmarks/toy_hierarchy.py --k 2 --prefix-weights 1 1 --prefix-sizes 16 40 --json out.json
 
-The defaults meet the goal; mtc's default uniform prefix weights do not (see the sweep). The toy has 2.16 features
+The defaults meet the goal: mtc's default prefix weights (1 per inner prefix, 3 for the full model: 1:3 here);
+equal weights do not (see the sweep). The toy has 2.16 features
 active per token: at k 2 the budget binds hard, and both absorb (absorbing a parent into its child saves a latent).
 
 `--selection nested` is a prototype of a proposed change to `mtc.transcoder` (each prefix gets its own BatchTopK over
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mtc.config import default_prefix_weights
 from mtc.hierarchy import FeatureTree, ToyHierarchyStore, toy_config, toy_report, train_toy
 from mtc.transcoder import MatryoshkaTranscoder, aux_k_loss, batch_topk
 
@@ -47,18 +49,18 @@ COLUMNS = {  # report key -> column title
 # the sweep: each entry changes the defaults of the command line (k 3, prefix weights 1:3, groups 8/32) for the
 # Matryoshka run, or for both runs where it changes k or the budget
 SWEEP = [
-    {"name": "k 2, uniform weights", "k": 2, "prefix_weights": None},
+    {"name": "k 2, uniform weights", "k": 2, "prefix_weights": [1.0, 1.0]},
     {"name": "k 2, weights 1:3", "k": 2},
-    {"name": "k 3, uniform weights", "prefix_weights": None},
+    {"name": "k 3, uniform weights", "prefix_weights": [1.0, 1.0]},
     {"name": "weights 3:1", "prefix_weights": [3.0, 1.0]},
     {"name": "weights 1:2", "prefix_weights": [1.0, 2.0]},
     {"name": "weights 1:3 (default)"},
     {"name": "weights 1:7", "prefix_weights": [1.0, 7.0]},
     {"name": "groups 16/24", "prefix_sizes": [16, 40]},
-    {"name": "groups 16/24, uniform", "prefix_sizes": [16, 40], "prefix_weights": None},
+    {"name": "groups 16/24, uniform", "prefix_sizes": [16, 40], "prefix_weights": [1.0, 1.0]},
     {"name": "budget x3", "tokens": 3 * 1024 * 1500},
-    {"name": "nested, k 2, uniform", "selection": "nested", "k": 2, "prefix_weights": None},
-    {"name": "nested, k 3, uniform", "selection": "nested", "prefix_weights": None},
+    {"name": "nested, k 2, uniform", "selection": "nested", "k": 2, "prefix_weights": [1.0, 1.0]},
+    {"name": "nested, k 3, uniform", "selection": "nested", "prefix_weights": [1.0, 1.0]},
     {"name": "nested", "selection": "nested"},
     {"name": "nested, weights 1:7", "selection": "nested", "prefix_weights": [1.0, 7.0]},
 ]
@@ -158,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-out", type=int, default=112)
     parser.add_argument("--prefix-sizes", type=int, nargs="+", default=None,
                         help="Matryoshka prefixes (default: parents, then all features; the last is d_sae)")
-    parser.add_argument("--prefix-weights", type=float, nargs="+", default=[1.0, 3.0],
-                        help="weights of the Matryoshka prefixes' FVUs in the loss (mtc's default: uniform)")
+    parser.add_argument("--prefix-weights", type=float, nargs="+", default=None,
+                        help="weights of the Matryoshka prefixes' FVUs in the loss (default: mtc's, 1 per inner "
+                             "prefix and 3 for the full model)")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=1024 * 1500, help="training budget of each transcoder")
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     n_features = args.parents * (1 + args.children)
     prefix_sizes = args.prefix_sizes or [args.parents, n_features]
+    if args.prefix_weights is None:
+        args.prefix_weights = default_prefix_weights(len(prefix_sizes))
     if len(args.prefix_weights) != len(prefix_sizes):
         parser.error(f"--prefix-weights needs one weight per prefix ({len(prefix_sizes)}), e.g. "
                      f"{' '.join(['1'] * len(prefix_sizes))} for uniform weights")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .config import TranscoderConfig, torch_dtype
+from .config import TranscoderConfig, default_prefix_weights, torch_dtype
 from .kernels import SelectedPreActivations, aux_k_indices, decode_prefixes_sparse, nested_sums
 from .parallel import LOCAL, BatchReduction
 
@@ -159,7 +159,7 @@ class MatryoshkaTranscoder(nn.Module):
         # Firing counters are trainer state (saved with checkpoints), not weights.
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device),
                              persistent=False)
-        weights = torch.tensor(cfg.prefix_weights or [1.0] * cfg.n_prefixes, **kw)
+        weights = torch.tensor(cfg.prefix_weights or default_prefix_weights(cfg.n_prefixes), **kw)
         self.register_buffer("prefix_weights", weights / weights.sum(), persistent=False)
 
     # ------------------------------------------------------------------ input checks

@@ -51,7 +51,7 @@ def test_prefix_reconstructions_equal_decoding_first_latents_only():
         torch.testing.assert_close(model.decode(z_changed, prefix=g + 1), model.decode(z, prefix=g + 1))
 
 
-def test_loss_is_mean_of_independently_computed_prefix_fvus():
+def test_loss_is_the_weighted_mean_of_independently_computed_prefix_fvus():
     model = randomise(make())
     x, y = torch.randn(32, 16), torch.randn(32, 12)
     out = model.training_forward(x, y)
@@ -63,7 +63,11 @@ def test_loss_is_mean_of_independently_computed_prefix_fvus():
                         for m in model.cfg.prefix_sizes])
     torch.testing.assert_close(out.fvu_per_prefix.double(), fvus, rtol=1e-4, atol=1e-5)
     assert float(out.aux_loss) == 0.0  # nothing is dead yet
-    torch.testing.assert_close(out.loss.double(), fvus.mean(), rtol=1e-4, atol=1e-5)
+    weights = torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)  # the default: 1 per inner prefix, 3 for the full model
+    torch.testing.assert_close(out.loss.double(), (fvus * weights).sum() / weights.sum(), rtol=1e-4, atol=1e-5)
+    equal = randomise(make(prefix_weights=[1.0, 1.0, 1.0]))
+    equal.load_state_dict(model.state_dict())
+    torch.testing.assert_close(equal.training_forward(x, y).loss.double(), fvus.mean(), rtol=1e-4, atol=1e-5)
     metrics = out.metrics()
     assert metrics["fvu"] == pytest.approx(float(fvus[-1].detach()), rel=1e-4)
     assert metrics["fvu_max"] == pytest.approx(float(fvus.max().detach()), rel=1e-4)
