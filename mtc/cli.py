@@ -186,7 +186,11 @@ def eval_command(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
         if cofiring is not None:
             report["hierarchy"] = interp_report(model, cofiring)
             if args.absorption_words:
-                report["absorption"] = absorption_report(model, bridge, contexts, cofiring, args)
+                from .first_letter import absorption_report, source_activations
+
+                x = source_activations(bridge, model.cfg.source_hook, contexts, args.batch_size)
+                report["absorption"] = absorption_report(model, bridge, x, cofiring, args.absorption_words,
+                                                         args.absorption_min_letters)
         reports[name if name not in reports else f"{name}-{len(reports)}"] = report
         report["_run_dir"] = str(run_dir) if run_dir is not None else None
     return reports
@@ -205,33 +209,6 @@ def interp_report(model, cofiring) -> dict:
     return hierarchy_report(cofiring, group_sizes, model.W_dec, pseudo_groups=pseudo)
 
 
-def absorption_report(model, bridge, contexts, cofiring, args: argparse.Namespace) -> dict:
-    """First-letter absorption on the source hook (mtc/first_letter.py), with latents grouped as in
-    `interp_report`."""
-    import random
-
-    import torch
-
-    from .first_letter import alpha_words, first_letter_absorption, probe_space, source_activations
-    from .hierarchy import latent_groups
-    from .presets import matryoshka_prefixes
-
-    cfg = model.cfg
-    pseudo = cfg.n_prefixes == 1
-    rank = torch.arange(cfg.d_sae)
-    if pseudo:
-        rank[cofiring.frequency_order().cpu()] = torch.arange(cfg.d_sae)
-    groups = latent_groups(rank, matryoshka_prefixes(cfg.d_sae) if pseudo else cfg.prefix_sizes)
-    x = source_activations(bridge, cfg.source_hook, contexts, args.batch_size)
-    directions, projection = probe_space(model, x)
-    words = alpha_words(bridge.tokenizer)
-    if len(words) > args.absorption_words:
-        words = sorted(random.Random(0).sample(words, args.absorption_words))
-    report = first_letter_absorption(model, bridge, words, directions, groups,
-                                     min_letters=args.absorption_min_letters)
-    return {"projection": projection, "pseudo_groups": pseudo, **report}
-
-
 def write_reports(reports: dict[str, dict], folder: Path, stem: str) -> None:
     from .checkpoint import atomic_write_bytes
     from .evaluate import format_table, plot_matryoshka_curve
@@ -247,6 +224,10 @@ def write_reports(reports: dict[str, dict], folder: Path, stem: str) -> None:
         from .hierarchy import plot_hierarchy
 
         print(f"wrote {plot_hierarchy(clean, folder / f'{stem}_hierarchy.png')}")
+    if any("absorption" in r for r in clean.values()):
+        from .first_letter import plot_absorption
+
+        print(f"wrote {plot_absorption(clean, folder / f'{stem}_absorption.png')}")
 
 
 def samples_command(args: argparse.Namespace) -> int:

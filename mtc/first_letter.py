@@ -14,13 +14,16 @@ from __future__ import annotations
 import random
 import statistics
 from collections import Counter
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from .absorption import LETTERS, absorption, f1_score, main_latents, source_decoder, train_probe
+from .hierarchy import CoFiring, latent_groups
 from .language_model import stop_layer
+from .presets import matryoshka_prefixes
 from .transcoder import MatryoshkaTranscoder
 
 TEMPLATE = "{word} has the first letter:"
@@ -166,3 +169,61 @@ def first_letter_absorption(model: MatryoshkaTranscoder, bridge, words: list[str
             "mean_split_latents": statistics.mean(split_counts) if split_counts else float("nan"),
             "main_latents_by_group": dict(sorted(main_groups.items())),
             "absorbers_by_group": dict(sorted(absorber_groups.items())), "per_letter": letters}
+
+
+def report_groups(model: MatryoshkaTranscoder, cofiring: CoFiring) -> tuple[Tensor, bool]:
+    """Each latent's group (0-based) and whether the groups are pseudo-groups: a Matryoshka's own prefix groups,
+    or a plain transcoder's latents ordered by firing frequency and cut into the groups the presets would give a
+    Matryoshka of its width (as the hierarchy report cuts them)."""
+    cfg = model.cfg
+    if cfg.n_prefixes > 1:
+        return latent_groups(torch.arange(cfg.d_sae), cfg.prefix_sizes), False
+    rank = torch.empty(cfg.d_sae, dtype=torch.long)
+    rank[cofiring.frequency_order().cpu()] = torch.arange(cfg.d_sae)
+    return latent_groups(rank, matryoshka_prefixes(cfg.d_sae)), True
+
+
+def absorption_report(model: MatryoshkaTranscoder, bridge, x: Float[Tensor, "n d_in"], cofiring: CoFiring,
+                      n_words: int = 4000, min_letters: int = 20, seed: int = 0) -> dict:
+    """The eval report's `absorption`: first-letter absorption on a seeded sample of `n_words` alphabetic tokens,
+    latent directions from `x` (held-out source activations; `probe_space`), groups from `report_groups`."""
+    groups, pseudo = report_groups(model, cofiring)
+    directions, projection = probe_space(model, x)
+    words = alpha_words(bridge.tokenizer)
+    if len(words) > n_words:
+        words = sorted(random.Random(seed).sample(words, n_words))
+    report = first_letter_absorption(model, bridge, words, directions, groups, seed=seed, min_letters=min_letters)
+    return {"projection": projection, "pseudo_groups": pseudo, **report}
+
+
+def plot_absorption(reports: dict[str, dict], path: Path) -> Path:
+    """Absorption per letter, and the prefix groups of the letters' main latents and of their top absorbers,
+    one colour per report with an `absorption` section."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = {name: r["absorption"] for name, r in reports.items() if "absorption" in r}
+    letters = sorted({row["letter"] for a in reports.values() for row in a["per_letter"]})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8), gridspec_kw={"width_ratios": [3, 1, 1]})
+    width = 0.8 / max(len(reports), 1)
+    for i, (name, a) in enumerate(reports.items()):
+        per = {row["letter"]: row["absorption_fraction"] for row in a["per_letter"]}
+        label = f"{name}: {a['mean_absorption_fraction']:.3f}"
+        axes[0].bar([j + i * width for j in range(len(letters))], [per.get(c, 0.0) for c in letters], width,
+                    label=label)
+        for ax, key in ((axes[1], "main_latents_by_group"), (axes[2], "absorbers_by_group")):
+            counts = {int(g): n for g, n in a[key].items()}
+            ax.bar([g + i * width for g in counts], list(counts.values()), width,
+                   label=name + (" (pseudo-groups)" if a["pseudo_groups"] else ""))
+    axes[0].set_xticks(range(len(letters)), letters)
+    axes[0].set_title("first-letter absorption fraction (mean over letters in the legend)")
+    axes[1].set_title("main latents by prefix group")
+    axes[2].set_title("top absorbers by prefix group")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
