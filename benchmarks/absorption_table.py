@@ -21,13 +21,14 @@ import torch
 
 import mtc
 from mtc.cli import interp_report
-from mtc.first_letter import absorption_report, plot_absorption
+from mtc.first_letter import absorption_report, plot_absorption, probe_first_letters, sample_words
 from mtc.hierarchy import CoFiring, plot_hierarchy
 from mtc.language_model import load_language_model
 from mtc.quality import ActivationCache, evaluate_cached
 
 
-def measure(run: Path, cache: ActivationCache, bridge, words: int, min_letters: int, seed: int) -> dict:
+def measure(run: Path, cache: ActivationCache, probes: dict, bridge, words: list[str], min_letters: int,
+            seed: int) -> dict:
     model = mtc.load(run / "final")
     report = evaluate_cached(model, cache)
     cofiring = CoFiring(model.cfg.d_sae)
@@ -36,7 +37,10 @@ def measure(run: Path, cache: ActivationCache, bridge, words: int, min_letters: 
             cofiring.update(model.encode(part))
     report["hierarchy"] = interp_report(model, cofiring)
     start = time.perf_counter()
-    report["absorption"] = absorption_report(model, bridge, cache.eval_source, cofiring, words, min_letters, seed)
+    hook = model.cfg.source_hook
+    if hook not in probes:  # the letter probe and prompts are shared by every run on the hook
+        probes[hook] = probe_first_letters(bridge, hook, words, seed)
+    report["absorption"] = absorption_report(model, probes[hook], cache.eval_source, cofiring, min_letters)
     report["absorption"]["seconds"] = time.perf_counter() - start
     return report
 
@@ -53,6 +57,8 @@ def main() -> None:
     parser.add_argument("--cache", required=True, help="the activation cache the runs were trained on")
     parser.add_argument("--run", action="append", required=True, help="a run folder (repeat)")
     parser.add_argument("--words", type=int, default=4000, help="alphabetic tokens sampled (seeded)")
+    parser.add_argument("--words-file", help="a JSON list of words to use instead of the sample (e.g. the list "
+                        "benchmarks/saebench_absorption.py --write-words wrote, for the agreement check)")
     parser.add_argument("--min-letters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="absorption.json")
@@ -62,7 +68,10 @@ def main() -> None:
     cache = ActivationCache.load(args.cache)
     first = mtc.load(Path(args.run[0]) / "final").cfg
     bridge = load_language_model(first.model_name)
-    reports = {Path(run).name: measure(Path(run), cache, bridge, args.words, args.min_letters, args.seed)
+    words = (json.loads(Path(args.words_file).read_text()) if args.words_file
+             else sample_words(bridge.tokenizer, args.words, args.seed))
+    probes: dict = {}
+    reports = {Path(run).name: measure(Path(run), cache, probes, bridge, words, args.min_letters, args.seed)
                for run in args.run}
     Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
     print("| model | FVU | absorption | full absorption | main latents per letter | letters (F1 > 0.6) | "

@@ -179,17 +179,21 @@ def eval_command(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
     bridge = load_language_model(first.model_name, device=device, dtype=dtype)
     contexts = held_out_contexts(bridge, first.dataset, args.tokens, first.seq_len, first.dataset_split,
                                  first.text_column)
-    reports = {}
+    reports, letter_probes = {}, {}  # one letter probe per source hook, shared by the models that read it
     for name, model, run_dir in loaded:
         cofiring = CoFiring(model.cfg.d_sae, device=model.W_enc.device) if args.interp else None
         report = evaluate(model, bridge, contexts, batch_size=args.batch_size, cofiring=cofiring)
         if cofiring is not None:
             report["hierarchy"] = interp_report(model, cofiring)
             if args.absorption_words:
-                from .first_letter import absorption_report, source_activations
+                from .first_letter import absorption_report, probe_first_letters, sample_words, source_activations
 
-                x = source_activations(bridge, model.cfg.source_hook, contexts, args.batch_size)
-                report["absorption"] = absorption_report(model, bridge, x, cofiring, args.absorption_words,
+                hook = model.cfg.source_hook
+                if hook not in letter_probes:
+                    words = sample_words(bridge.tokenizer, args.absorption_words)
+                    letter_probes[hook] = probe_first_letters(bridge, hook, words)
+                x = source_activations(bridge, hook, contexts, args.batch_size)
+                report["absorption"] = absorption_report(model, letter_probes[hook], x, cofiring,
                                                          args.absorption_min_letters)
         reports[name if name not in reports else f"{name}-{len(reports)}"] = report
         report["_run_dir"] = str(run_dir) if run_dir is not None else None

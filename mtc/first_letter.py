@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,50 +109,78 @@ def letter_index(word: str) -> int:
     return LETTERS.index(first_letter(word).strip().lower())
 
 
-def first_letter_absorption(model: MatryoshkaTranscoder, bridge, words: list[str], directions: Tensor,
-                            latent_group: Tensor, *, seed: int = 0, min_f1: float = 0.6, min_letters: int = 20,
-                            batch_size: int = 32) -> dict:
-    """The absorption report of `model` on `words` (see the module docstring). `directions [d_sae, d_in]`: each
-    latent's direction in the source space (`probe_space`); `latent_group [d_sae]`: its prefix group (0-based)."""
+@dataclass
+class FirstLetterProbe:
+    """What does not depend on the transcoder: the words, their activations at the source hook, the letter probes
+    `W [26, d_in]`, `b [26]` and their test F1, and for each passing letter the fresh activations of the test words
+    its probe recognises (`fresh[c] = (word indices into test_words, activations)`). Every model compared on one
+    hook is scored against the same probe and prompts."""
+
+    hook: str
+    words: list[str]
+    test_words: list[str]
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    W: Tensor
+    b: Tensor
+    f1: list[float]
+    fresh: dict[int, tuple[list[int], Tensor]]
+    seed: int
+    min_f1: float
+
+
+def probe_first_letters(bridge, hook: str, words: list[str], seed: int = 0, min_f1: float = 0.6,
+                        batch_size: int = 32) -> FirstLetterProbe:
+    """Split `words` 80/20 (seeded), read each at `hook` in a prompt of examples from its own split, train the
+    letter probes, and read the recognised test words again in fresh prompts with examples from all `words`."""
     rng = random.Random(seed)
     shuffled = rng.sample(words, len(words))
     split = int(len(shuffled) * TRAIN_SHARE)
     train_words, test_words = shuffled[:split], shuffled[split:]
-    hook = model.cfg.source_hook
     x_train = word_activations(bridge, hook, [prompt(w, train_words, rng) for w in train_words], batch_size)
     x_test = word_activations(bridge, hook, [prompt(w, test_words, rng) for w in test_words], batch_size)
     y_train = torch.tensor([letter_index(w) for w in train_words])
     y_test = torch.tensor([letter_index(w) for w in test_words])
-    W_probe, b_probe = train_probe(x_train, y_train, seed=seed)
-    probe_f1 = [f1_score(y_test == c, x_test @ W_probe[c] + b_probe[c] > 0) for c in range(len(LETTERS))]
+    W, b = train_probe(x_train, y_train, seed=seed)
+    f1 = [f1_score(y_test == c, x_test @ W[c] + b[c] > 0) for c in range(len(LETTERS))]
+    fresh = {}
+    for c in range(len(LETTERS)):
+        found = ((y_test == c) & (x_test @ W[c] + b[c] > 0)).nonzero().flatten().tolist()
+        if f1[c] > min_f1 and found:
+            fresh[c] = (found, word_activations(bridge, hook, [prompt(test_words[i], words, rng) for i in found],
+                                                batch_size))
+    return FirstLetterProbe(hook, words, test_words, x_train, y_train, x_test, y_test, W, b, f1, fresh, seed, min_f1)
 
+
+def first_letter_absorption(model: MatryoshkaTranscoder, probe: FirstLetterProbe, directions: Tensor,
+                            latent_group: Tensor, min_letters: int = 20) -> dict:
+    """The absorption report of `model` (see the module docstring). `directions [d_sae, d_in]`: each latent's
+    direction in the source space (`probe_space`); `latent_group [d_sae]`: its prefix group (0-based)."""
     norms = directions.norm(dim=1)
+
     def encode(x: Tensor) -> Tensor:  # scaled by each latent's direction norm, as SAEBench folds decoder norms
         with torch.no_grad():
             return model.encode(x.to(model.W_enc)).float().cpu() * norms
 
-    codes_train, codes_test = encode(x_train), encode(x_test)
-    W_sparse, _ = train_probe(codes_train, y_train, batch_size=4096, weight_decay=1e-6, l1=0.01, seed=seed)
-
+    codes_train, codes_test = encode(probe.x_train), encode(probe.x_test)
+    W_sparse, _ = train_probe(codes_train, probe.y_train, batch_size=4096, weight_decay=1e-6, l1=0.01,
+                              seed=probe.seed)
     letters, main_groups, absorber_groups = [], Counter(), Counter()
-    for c, letter in enumerate(LETTERS):
-        if probe_f1[c] <= min_f1:
-            continue
-        main, sparse_f1 = main_latents(W_sparse[c], codes_train, y_train == c, codes_test, y_test == c)
-        found = ((y_test == c) & (x_test @ W_probe[c] + b_probe[c] > 0)).nonzero().flatten().tolist()
-        row = {"letter": letter, "probe_f1": probe_f1[c], "main_latents": main, "sparse_probe_f1": sparse_f1,
-               "main_groups": [int(latent_group[i]) + 1 for i in main], "words": len(found)}
-        if found:
-            main_groups.update(row["main_groups"])
-            fresh = word_activations(bridge, hook, [prompt(test_words[i], words, rng) for i in found], batch_size)
-            p_hat = W_probe[c] / W_probe[c].norm()
-            dot = directions @ p_hat
-            cos = dot / norms.clamp(min=1e-12)
-            fraction, full, absorber = absorption(encode(fresh), fresh @ p_hat, dot / norms.clamp(min=1e-12), cos,
-                                                  main)
-            absorber_groups.update(int(latent_group[i]) + 1 for i in absorber[fraction > 0].tolist())
-            row.update(absorption_fraction=float(fraction.mean()), full_absorption_rate=float(full.float().mean()))
-            letters.append(row)
+    for c, (found, fresh) in probe.fresh.items():
+        main, sparse_f1 = main_latents(W_sparse[c], codes_train, probe.y_train == c, codes_test, probe.y_test == c)
+        p_hat = probe.W[c] / probe.W[c].norm()
+        dot = directions @ p_hat
+        cos = dot / norms.clamp(min=1e-12)
+        fraction, full, absorber = absorption(encode(fresh), fresh @ p_hat, cos, cos, main)
+        groups = [int(latent_group[i]) + 1 for i in main]
+        main_groups.update(groups)
+        absorber_groups.update(int(latent_group[i]) + 1 for i in absorber[fraction > 0].tolist())
+        letters.append({"letter": LETTERS[c], "probe_f1": probe.f1[c], "main_latents": main,
+                        "sparse_probe_f1": sparse_f1, "main_groups": groups, "words": len(found),
+                        "absorption_fraction": float(fraction.mean()),
+                        "full_absorption_rate": float(full.float().mean())})
 
     def mean_sd(key: str) -> tuple[float, float]:
         values = [row[key] for row in letters]
@@ -161,9 +190,9 @@ def first_letter_absorption(model: MatryoshkaTranscoder, bridge, words: list[str
     absorbed, absorbed_sd = mean_sd("absorption_fraction")
     full_rate, full_sd = mean_sd("full_absorption_rate")
     split_counts = [len(row["main_latents"]) for row in letters]
-    return {"words": len(words), "seed": seed, "min_f1": min_f1, "min_letters": min_letters,
+    return {"words": len(probe.words), "seed": probe.seed, "min_f1": probe.min_f1, "min_letters": min_letters,
             "letters_passing": len(letters), "enough_letters": len(letters) >= min_letters,
-            "probe_f1": dict(zip(LETTERS, probe_f1)),
+            "probe_f1": dict(zip(LETTERS, probe.f1)),
             "mean_absorption_fraction": absorbed, "std_absorption_fraction": absorbed_sd,
             "mean_full_absorption": full_rate, "std_full_absorption": full_sd,
             "mean_split_latents": statistics.mean(split_counts) if split_counts else float("nan"),
@@ -183,16 +212,22 @@ def report_groups(model: MatryoshkaTranscoder, cofiring: CoFiring) -> tuple[Tens
     return latent_groups(rank, matryoshka_prefixes(cfg.d_sae)), True
 
 
-def absorption_report(model: MatryoshkaTranscoder, bridge, x: Float[Tensor, "n d_in"], cofiring: CoFiring,
-                      n_words: int = 4000, min_letters: int = 20, seed: int = 0) -> dict:
-    """The eval report's `absorption`: first-letter absorption on a seeded sample of `n_words` alphabetic tokens,
-    latent directions from `x` (held-out source activations; `probe_space`), groups from `report_groups`."""
+def sample_words(tokenizer, n_words: int, seed: int = 0) -> list[str]:
+    """A seeded sample of `n_words` of the vocabulary's alphabetic tokens (all of them if there are fewer)."""
+    words = alpha_words(tokenizer)
+    return words if len(words) <= n_words else sorted(random.Random(seed).sample(words, n_words))
+
+
+def absorption_report(model: MatryoshkaTranscoder, probe: FirstLetterProbe, x: Float[Tensor, "n d_in"],
+                      cofiring: CoFiring, min_letters: int = 20) -> dict:
+    """The eval report's `absorption`: first-letter absorption against `probe` (on the model's source hook), latent
+    directions from `x` (held-out source activations; `probe_space`), groups from `report_groups`."""
+    if probe.hook != model.cfg.source_hook:
+        raise ValueError(f"the letter probe reads {probe.hook} but the model reads {model.cfg.source_hook}; "
+                         "probe the model's source hook")
     groups, pseudo = report_groups(model, cofiring)
     directions, projection = probe_space(model, x)
-    words = alpha_words(bridge.tokenizer)
-    if len(words) > n_words:
-        words = sorted(random.Random(seed).sample(words, n_words))
-    report = first_letter_absorption(model, bridge, words, directions, groups, seed=seed, min_letters=min_letters)
+    report = first_letter_absorption(model, probe, directions, groups, min_letters=min_letters)
     return {"projection": projection, "pseudo_groups": pseudo, **report}
 
 
