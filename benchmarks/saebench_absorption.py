@@ -70,10 +70,10 @@ Commands
     PY=/work/venvs/saebench/bin/python
     # 1. a word list, reusable by another implementation
     $PY benchmarks/saebench_absorption.py --write-words 2000 --seed 0 --words /tmp/words.json \\
-        --model-dir /root/.cache/mtc/gemma-3-270m
+        --model-dir ~/.cache/mtc/gemma-3-270m
     # 2. the eval
     $PY benchmarks/saebench_absorption.py --sae SAE_DIR --layer 6 --words /tmp/words.json \\
-        --model-dir /root/.cache/mtc/gemma-3-270m --seed 0 --min-f1 0.6 --min-letters 20 --out result.json
+        --model-dir ~/.cache/mtc/gemma-3-270m --seed 0 --min-f1 0.6 --min-letters 20 --out result.json
     # an mtc transcoder (reads blocks.6.mlp.hook_in) on its own input hook
     python -m mtc export saelens --run runs/quality/demo-matryoshka --out /tmp/demo_saelens   # system python
     $PY benchmarks/saebench_absorption.py --sae /tmp/demo_saelens --hook sae --words /tmp/words.json \
@@ -115,6 +115,13 @@ RESID_POST = "blocks.{layer}.hook_resid_post"
 
 
 # ---------------------------------------------------------------------- helpers
+def default_model_dir() -> Path:
+    """mtc's folder of the offline Gemma-3-270M (`mtc.language_model.cache_dir`, without importing mtc)."""
+    if os.environ.get("MTC_CACHE_DIR"):
+        return Path(os.environ["MTC_CACHE_DIR"]).expanduser() / "gemma-3-270m"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mtc" / "gemma-3-270m"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -502,7 +509,8 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default="/root/.cache/mtc/gemma-3-270m", help="local HF folder of the model")
+    p.add_argument("--model-dir", default=str(default_model_dir()),
+                   help="local HF folder of the model (default: where mtc converts the offline Gemma-3-270M)")
     p.add_argument("--model-name", default="google/gemma-3-270m",
                    help="transformer-lens name giving the architecture (default google/gemma-3-270m)")
     p.add_argument("--words", required=True, help="JSON list of words (read, or written with --write-words)")
