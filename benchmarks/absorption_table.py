@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="absorption plot (PNG); the hierarchy plot goes beside it")
     args = parser.parse_args()
 
-    cache = ActivationCache.load(args.cache)
+    cache = ActivationCache.load(args.cache, train=False)  # the held-out rows are all it reads
     first = mtc.load(Path(args.run[0]) / "final").cfg
     bridge = load_language_model(first.model_name)
     words = (json.loads(Path(args.words_file).read_text()) if args.words_file

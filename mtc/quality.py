@@ -59,7 +59,8 @@ class ActivationCache:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> ActivationCache:
+    def load(cls, path: str | Path, train: bool = True) -> ActivationCache:
+        """The cache at `path`; with `train=False` only its held-out rows (the training rows come back empty)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"activation cache {path} does not exist; write one with "
@@ -68,6 +69,11 @@ class ActivationCache:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+            if not train:
+                held_out = {name: f.get_tensor(name) for name in ("eval_source", "eval_target")}
+                empty = {f"train_{side}": torch.empty(0, held_out[f"eval_{side}"].shape[1])
+                         for side in ("source", "target")}
+                return cls(**held_out, **empty, meta=meta)
         return cls(**load_file(str(path)), meta=meta)
 
 

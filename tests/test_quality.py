@@ -23,6 +23,9 @@ def test_cache_round_trips_through_its_file(tmp_path):
     for name in ("train_source", "train_target", "eval_source", "eval_target"):
         assert torch.equal(getattr(loaded, name), getattr(cache, name))
     assert loaded.meta == {"model_name": "synthetic"}
+    held_out = ActivationCache.load(tmp_path / "cache.safetensors", train=False)
+    assert torch.equal(held_out.eval_source, cache.eval_source) and torch.equal(held_out.eval_target, cache.eval_target)
+    assert held_out.train_source.shape == (0, cache.train_source.shape[1]) and len(held_out.train_target) == 0
     with pytest.raises(FileNotFoundError, match="bench --quality --cache"):
         ActivationCache.load(tmp_path / "missing.safetensors")
 
