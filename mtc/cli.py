@@ -189,12 +189,12 @@ def eval_command(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
                 from .first_letter import absorption_report, probe_first_letters, sample_words, source_activations
 
                 hook = model.cfg.source_hook
-                if hook not in letter_probes:
+                if hook not in letter_probes:  # the probe and the held-out source activations, once per hook
                     words = sample_words(bridge.tokenizer, args.absorption_words)
-                    letter_probes[hook] = probe_first_letters(bridge, hook, words)
-                x = source_activations(bridge, hook, contexts, args.batch_size)
-                report["absorption"] = absorption_report(model, letter_probes[hook], x, cofiring,
-                                                         args.absorption_min_letters)
+                    letter_probes[hook] = (probe_first_letters(bridge, hook, words),
+                                           source_activations(bridge, hook, contexts, args.batch_size))
+                probe, x = letter_probes[hook]
+                report["absorption"] = absorption_report(model, probe, x, cofiring, args.absorption_min_letters)
         reports[name if name not in reports else f"{name}-{len(reports)}"] = report
         report["_run_dir"] = str(run_dir) if run_dir is not None else None
     return reports
