@@ -1,4 +1,4 @@
-"""Attribution graphs from a transcoder set, through circuit-tracer.
+"""Attribution graphs from a transcoder set or a cross-layer transcoder, through circuit-tracer.
 
 circuit-tracer 0.5.0 pins transformers 4.57 and an older transformer-lens, so it lives in its own
 virtualenv (`python -m mtc attribute --install .venv-circuit-tracer`: torch first, then
@@ -6,7 +6,7 @@ virtualenv (`python -m mtc attribute --install .venv-circuit-tracer`: torch firs
 has two halves:
 
 * the circuit-tracer half runs *inside* that venv as a script (`python mtc/attribution.py ...`, so it
-  imports nothing from mtc): it loads the exported set (`mtc export circuit-tracer`), builds circuit-tracer's
+  imports nothing from mtc): it loads the exported set or CLT (`mtc export circuit-tracer`), builds circuit-tracer's
   `ReplacementModel` with the **nnsight backend** (its TransformerLens backend shares rotary buffers across
   layers and is wrong for Gemma-3), runs `attribute()` on a prompt, saves the graph, prunes it with
   circuit-tracer's own `prune_graph` and scores it with `compute_graph_scores` (replacement and
@@ -33,12 +33,19 @@ SUMMARY, GRAPH, ACTIVATIONS = "summary.json", "graph.pt", "activations.safetenso
 # ---------------------------------------------------------------------- inside circuit-tracer's venv
 def load_transcoders(folder: Path):
     """circuit-tracer's `TranscoderSet` from an mtc export: `config.yaml` lists the layer files relative to
-    the folder (circuit-tracer itself reads local paths relative to the working directory)."""
+    the folder (circuit-tracer itself reads local paths relative to the working directory); or its
+    `CrossLayerTranscoder` from a CLT export."""
     import torch
     import yaml
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
     config = yaml.safe_load((folder / "config.yaml").read_text())
+    if config.get("model_kind") == "cross_layer_transcoder":  # `mtc export circuit-tracer` of a CLT
+        from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+        return load_clt(str(folder), feature_input_hook=config["feature_input_hook"],
+                        feature_output_hook=config["feature_output_hook"], scan=config["scan"],
+                        device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False, lazy_encoder=False)
     paths = {layer: str(folder / name) for layer, name in enumerate(config["transcoders"])}
     return load_transcoder_set(paths, scan=config["scan"], feature_input_hook=config["feature_input_hook"],
                                feature_output_hook=config["feature_output_hook"], device=torch.device("cpu"),
@@ -157,15 +164,22 @@ def attribute_set(export: str | Path, model_name: str, prompt: str, out: str | P
 
 
 def mtc_latents(export: str | Path, model_name: str, prompt: str):
-    """mtc's own latents of every layer of `export` on `prompt`, `[layers, positions, d_sae]`, computed from
-    the bridge's hooks with the BOS that circuit-tracer's tokenizer call adds."""
+    """mtc's own latents of every layer of `export` (a set's or a CLT's) on `prompt`, `[layers, positions, d_sae]`,
+    computed from the bridge's hooks with the BOS that circuit-tracer's tokenizer call adds."""
     import torch
 
+    from .clt_interop import is_clt_export, load_circuit_tracer_clt
     from .interop import load_export
     from .language_model import load_language_model
 
     bridge = load_language_model(model_name)
     tokens = bridge.tokenizer(prompt, return_tensors="pt").input_ids
+    if is_clt_export(export):
+        clt = load_circuit_tracer_clt(export)
+        hooks = [clt.cfg.source_hook.format(layer=layer) for layer in clt.cfg.clt_layers]
+        with torch.no_grad():
+            _, cache = bridge.run_with_cache(tokens, names_filter=hooks)
+            return clt.encode(torch.stack([cache[hook][0] for hook in hooks], dim=1)).transpose(0, 1)
     models = {}
     layer = 0
     while (Path(export) / f"layer_{layer}.safetensors").is_file():

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .clt import build_model
 from .config import TranscoderConfig
 from .errors import CheckpointError, disk_full_error
 from .scaling import ActivationScales
@@ -66,7 +67,7 @@ def load(path: str | Path, device: torch.device | str | None = None) -> Matryosh
                                     f"holding {CONFIG_FILE} and {WEIGHTS_FILE}")
     cfg = TranscoderConfig.load(config_path)
     tensors = load_file(str(weights_path), device=str(device or "cpu"))
-    model = MatryoshkaTranscoder(cfg, device=device)
+    model = build_model(cfg, device=device)
     check_state_matches(model, tensors, source=str(weights_path))
     model.load_state_dict(tensors)
     return model

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'auto' (newest complete checkpoint, local or mirror), 'never', or a step_<N> folder")
     train.add_argument("--layers", metavar="all|A-B|A,B,C",
                        help="train a set: one transcoder per layer (each layer's default hook pair) from shared passes")
+    train.add_argument("--clt", action="store_true",
+                       help="with --layers: one cross-layer transcoder over those layers instead of a set (mtc/clt.py)")
     train.add_argument("--memory", metavar="GB|t4|a100-40gb|...",
                        help="--layers: plan passes for this much memory instead of the device's own")
     train.add_argument("--dry-run", action="store_true", help="--layers: print the memory plan and stop")
@@ -282,10 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     debug = debug_requested() or getattr(args, "debug", False)
     try:
         if args.command == "train":
+            from .clt_train import train_clt_command
             from .launch import train_command
 
-            return train_command(args)
+            return train_clt_command(args) if args.clt else train_command(args)
         if args.command == "eval":
+            from .replacement import replacement_command
+
+            if replacement_command(args):  # a set or a CLT: every MLP replaced at once
+                return 0
             if args.run.endswith(".npz"):
                 raise ValueError("`eval --run` takes a run dir or model folder; evaluate a Gemma Scope params.npz "
                                  "with `python -m mtc compare <run dir> <params.npz>`")

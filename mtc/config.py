@@ -20,10 +20,8 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 NORMALIZATIONS = ("mean_norm", "none")
 DECODER_INITS = ("random", "batch")
 OPTIMIZERS = ("adam", "signsgd")
-# The full model's weight in the Matryoshka loss when prefix_weights is None; each inner prefix weighs 1. Chosen on
-# the toy hierarchy (absorption at 0.12 of plain's at plain's FVU, where equal weights cost 44% FVU) and checked on
-# the demo (held-out FVU 0.1199 / first prefix 0.1750, against 0.1240 / 0.1697 with equal weights): see
-# docs/evaluation.md and docs/training.md.
+# The full model's weight in the Matryoshka loss when prefix_weights is None (each inner prefix weighs 1): chosen on
+# the toy hierarchy and checked on the demo, see docs/evaluation.md and docs/training.md.
 FULL_PREFIX_WEIGHT = 3.0
 PYDOC_TOKEN_LIMIT = 2_000_000  # generous: tokenizers differ, the corpus is ~0.5M Gemma tokens
 
@@ -135,6 +133,9 @@ class TranscoderConfig:
     decoder_init: str = ARCHITECTURE(
         "random", "'random': unit-norm random decoder rows; 'batch': each latent's row starts as the mean centred "
         "target of the first batch's tokens it is selected on (random where it is selected on none).")
+    clt_layers: list[int] = ARCHITECTURE(
+        help="Layers of a cross-layer transcoder (mtc/clt.py), whose hooks are then templates with {layer} (empty: "
+        "one transcoder between source_hook and target_hook).", default_factory=list)
 
     # --- sparsity machinery
     k: int = SPARSITY(96, "Active latents per token on average: BatchTopK keeps the batch_size * k largest "
@@ -213,6 +214,7 @@ class TranscoderConfig:
         for name in ("dtype", "compute_dtype", "model_dtype", "activation_dtype"):
             setattr(self, name, _dtype_name(getattr(self, name)))
         self.prefix_sizes = [int(m) for m in self.prefix_sizes] or [self.d_sae]
+        self.clt_layers = [int(layer) for layer in self.clt_layers]
         if self.prefix_weights is not None:
             self.prefix_weights = [float(w) for w in self.prefix_weights]
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
@@ -322,36 +324,39 @@ class TranscoderConfig:
             fail("total_tokens", f"{self.total_tokens} tokens make no step of batch_size={self.batch_size}",
                  "raise total_tokens to at least batch_size")
         if self.warmup_steps > self.total_steps:
-            fail("warmup_steps", f"warmup of {self.warmup_steps} steps is longer than the run "
-                 f"({self.total_steps} steps = total_tokens // batch_size)",
-                 "lower warmup_steps or raise total_tokens")
+            fail("warmup_steps", f"warmup of {self.warmup_steps} steps is longer than the run ({self.total_steps} "
+                 "steps = total_tokens // batch_size)", "lower warmup_steps or raise total_tokens")
         if not self.source_hook or not self.target_hook:
             fail("source_hook", "source_hook and target_hook must both be named", "e.g. blocks.12.ln2.hook_normalized")
         if self.dataset == "pydoc" and self.total_tokens > PYDOC_TOKEN_LIMIT:
-            fail("total_tokens", f"{self.total_tokens:,} tokens exceed what the offline 'pydoc' corpus holds "
-                 f"(about half a million)", "lower total_tokens or set dataset to a larger corpus, e.g. "
-                 "HuggingFaceFW/fineweb-edu")
-        if self.optimizer not in OPTIMIZERS:
-            fail("optimizer", f"unknown optimiser {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
-        if self.decoder_init not in DECODER_INITS:
-            fail("decoder_init", f"unknown decoder initialisation {self.decoder_init!r}",
-                 f"use one of {', '.join(DECODER_INITS)}")
-        if self.normalize_activations not in NORMALIZATIONS:
-            fail("normalize_activations", f"unknown normalisation {self.normalize_activations!r}",
-                 "use 'mean_norm' (scale-invariant training) or 'none' (train on raw activations)")
-        if self.kernels not in ("sparse", "dense"):
-            fail("kernels", f"unknown kernels {self.kernels!r}", "use 'sparse' (fast) or 'dense' (reference)")
-        if self.calibration_tokens < 0:
-            fail("calibration_tokens", f"must be >= 0, got {self.calibration_tokens}",
-                 "use 0 to keep the training moving average as the threshold")
-        if self.samples_every < 0:
-            fail("samples_every", f"must be >= 0, got {self.samples_every}", "use 0 to collect no samples")
+            fail("total_tokens", f"{self.total_tokens:,} tokens exceed what the offline 'pydoc' corpus holds (about "
+                 "half a million)", "lower total_tokens or set dataset to a larger corpus, e.g. HuggingFaceFW/fineweb-edu")
+        for name, what, allowed in (("optimizer", "optimiser", OPTIMIZERS),
+                                    ("decoder_init", "decoder initialisation", DECODER_INITS),
+                                    ("normalize_activations", "normalisation", NORMALIZATIONS),
+                                    ("kernels", "kernels", ("sparse", "dense")), ("wandb_mode", "mode", WANDB_MODES)):
+            if getattr(self, name) not in allowed:
+                fail(name, f"unknown {what} {getattr(self, name)!r}", f"use one of {', '.join(allowed)}")
+        for name, zero_means in (("calibration_tokens", "keep the moving average"), ("samples_every", "collect none")):
+            if getattr(self, name) < 0:
+                fail(name, f"must be >= 0, got {getattr(self, name)}", f"use 0 to {zero_means}")
         if self.seq_len < 2:
             fail("seq_len", f"must be at least 2 (BOS plus one token), got {self.seq_len}", "128 is the usual choice")
-        if self.wandb_mode not in WANDB_MODES:
-            fail("wandb_mode", f"unknown mode {self.wandb_mode!r}", f"use one of {', '.join(WANDB_MODES)}")
         if not self.run_name or "/" in self.run_name:
             fail("run_name", f"must be a non-empty name without '/', got {self.run_name!r}", "e.g. gemma2-l12")
+        if self.clt_layers:
+            self._validate_clt(fail)
+
+    def _validate_clt(self, fail) -> None:
+        if any(b <= a for a, b in zip(self.clt_layers, self.clt_layers[1:])) or min(self.clt_layers) < 0:
+            fail("clt_layers", f"must be increasing layer numbers, got {self.clt_layers}", "e.g. [0, 1, 2, 3]")
+        if not all("{layer}" in hook for hook in (self.source_hook, self.target_hook)):
+            fail("source_hook", "a cross-layer transcoder's hooks must name {layer}", "e.g. blocks.{layer}.hook_mlp_out")
+        for name, allowed in (("skip_connection", False), ("optimizer", "adam"), ("decoder_init", "random"),
+                              ("kernels", "sparse"), ("samples_every", 0), ("resample_every", 0)):
+            if getattr(self, name) != allowed:
+                fail(name, f"is {getattr(self, name)!r}; a cross-layer transcoder trains only with {allowed!r}",
+                     f"set {name} to {allowed!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

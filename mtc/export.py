@@ -7,6 +7,8 @@ Matryoshka prefix, in the files another tool reads.
 | `gemma-scope` | `DIR/params.npz` | `DIR/layer_<L>/params.npz` |
 | `saelens` | `DIR/cfg.json` + `sae_weights.safetensors` | `DIR/layer_<L>/...` |
 
+A cross-layer transcoder (`train --clt`) exports to circuit-tracer only, as its CLT files (`mtc/clt_interop.py`).
+
 `--prefix g` writes only the first `prefix_sizes[g-1]` latents of every transcoder: prefix g alone is a
 complete transcoder (that is what the Matryoshka loss trains), so a set cut at prefix 1 gives a
 coarse attribution graph and the full set a fine one. The folder is written under a temporary name and
@@ -19,7 +21,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import load, model_folder, remove_checkpoint
+from .checkpoint import CONFIG_FILE, load, model_folder, remove_checkpoint
+from .clt import CrossLayerTranscoder
+from .clt_interop import export_circuit_tracer_clt
+from .config import TranscoderConfig
 from .gemma_scope import GEMMA_SCOPE_FILE, export_gemma_scope
 from .interop import CIRCUIT_TRACER_CONFIG, SAELENS_CONFIG, export_circuit_tracer, export_saelens
 from .language_model import hook_layer
@@ -41,6 +46,14 @@ def trained_models(run: str | Path) -> tuple[dict[int, MatryoshkaTranscoder], st
         print(f"note: {run_dir} has no final/; exporting {folder}", file=sys.stderr)
     model = load(folder)
     return {hook_layer(model.cfg.source_hook): model}, run_dir.name
+
+
+def cross_layer_transcoder(run: str | Path) -> CrossLayerTranscoder | None:
+    """The CLT a run dir or model folder holds (None for a set or a transcoder)."""
+    if is_set(run):
+        return None
+    folder, _ = model_folder(run)
+    return load(folder) if TranscoderConfig.load(folder / CONFIG_FILE).clt_layers else None
 
 
 def cut_to_prefix(models: dict[int, MatryoshkaTranscoder], prefix: int | None) -> dict[int, MatryoshkaTranscoder]:
@@ -79,13 +92,21 @@ def export(fmt: str, run: str | Path, out: str | Path, prefix: int | None = None
             and not any(out.glob("layer_*")):
         raise ValueError(f"--out {out} is a folder that holds something other than an export; choose an empty or "
                          f"new folder")
-    models, name = trained_models(run)
-    models = cut_to_prefix(models, prefix)
+    clt = cross_layer_transcoder(run)
+    if clt is not None and fmt != "circuit-tracer":
+        raise ValueError(f"{run} is a cross-layer transcoder: it exports to circuit-tracer only ({fmt} files hold "
+                         f"single-layer transcoders)")
+    models, name = ({}, Path(run).name) if clt is not None else trained_models(run)
+    models = cut_to_prefix(models, prefix) if models else models
     per_layer = is_set(run)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if fmt == "circuit-tracer":
+        if clt is not None:
+            check_every_layer(dict.fromkeys(clt.cfg.clt_layers, clt))
+            model = cut_to_prefix({0: clt}, prefix)[0]
+            export_circuit_tracer_clt(model, tmp, scan=f"mtc/{name}" + (f"/prefix_{prefix}" if prefix else ""))
+        elif fmt == "circuit-tracer":
             check_every_layer(models)
             scan = f"mtc/{name}" + (f"/prefix_{prefix}" if prefix else "")
             for layer, model in sorted(models.items()):

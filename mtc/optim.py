@@ -83,7 +83,7 @@ def make_optimizer(model: MatryoshkaTranscoder, cfg: TranscoderConfig) -> torch.
     dozen) where torch has it, CPU and CUDA; or schedule-free sign descent."""
     if cfg.optimizer == "signsgd":
         return ScheduleFreeSignSGD(model.parameters(), lr=cfg.lr, unit_rows=(model.W_dec,))
-    fused = model.W_enc.device.type in ("cpu", "cuda")
+    fused = model.b_dec.device.type in ("cpu", "cuda")
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=fused)
 
 

@@ -18,7 +18,7 @@ import torch
 from .checkpoint import checkpoint_problem, checkpoint_step, config_differences, load_checkpoint, run_checkpoints
 from .config import TranscoderConfig
 from .errors import CheckpointError, UsageError
-from .scaling import ActivationScales
+from .scaling import scales_for
 
 
 @dataclass
@@ -172,7 +172,7 @@ def restore(runs: list, store, paths: list[Path], device: torch.device, world_si
                   "taken in another order, so it is not bit-identical to an uninterrupted run", file=sys.stderr)
         # model.safetensors is in raw units; training continues from the training-unit weights
         run.model.load_state_dict(state.get("model", saved.state_dict()))
-        run.scales = ActivationScales.from_dict(state.get("scales"))
+        run.scales = scales_for(run.cfg).from_dict(state.get("scales"))
         run.model.tokens_since_fired.copy_(state["tokens_since_fired"])
         run.optimizer.load_state_dict(state["optimizer"])
         if run.samples is not None and state.get("samples") is not None:

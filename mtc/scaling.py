@@ -66,3 +66,56 @@ class ActivationScales:
         """A state dict in raw units from one in training units (new tensors; the input is untouched)."""
         factors = self.factors()
         return {name: t * factors[name] if factors.get(name, 1.0) != 1.0 else t for name, t in state.items()}
+
+    def training_units(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return (x, y) if self.is_identity else (x / self.source, y / self.target)
+
+
+@dataclass(frozen=True)
+class LayerScales:
+    """A cross-layer transcoder's divisors, one per layer for its sources and one for its targets (inputs stacked
+    as `[batch, n_layers, d]`). Folding keeps each latent in training units, so a layer's latents and thresholds
+    are unchanged: `W_enc[l] / s_x[l]`, `W_dec[l][:, j] * s_y[l + j]`, `b_dec[l] * s_y[l]`."""
+
+    source: tuple[float, ...] = ()
+    target: tuple[float, ...] = ()
+
+    @classmethod
+    def estimate(cls, x: Float[Tensor, "tokens n_layers d_in"], y: Float[Tensor, "tokens n_layers d_out"]) -> LayerScales:
+        return cls(source=tuple(mean_norm_scale(x[:, layer]) for layer in range(x.shape[1])),
+                   target=tuple(mean_norm_scale(y[:, layer]) for layer in range(y.shape[1])))
+
+    @property
+    def is_identity(self) -> bool:
+        return all(s == 1.0 for s in (*self.source, *self.target))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"source": list(self.source), "target": list(self.target)}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> LayerScales:
+        return cls(tuple(data["source"]), tuple(data["target"])) if data else cls()
+
+    def fold(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.is_identity:
+            return dict(state)
+        out = dict(state)
+        for name, t in state.items():
+            kind, _, layer = name.partition(".")
+            if kind == "W_enc":
+                out[name] = t / self.source[int(layer)]
+            elif kind == "W_dec":
+                out[name] = t * t.new_tensor(self.target[int(layer):])[None, :, None]
+            elif kind == "b_dec":
+                out[name] = t * t.new_tensor(self.target)[:, None]
+        return out
+
+    def training_units(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.is_identity:
+            return x, y
+        return x / x.new_tensor(self.source)[:, None], y / y.new_tensor(self.target)[:, None]
+
+
+def scales_for(cfg) -> type[ActivationScales] | type[LayerScales]:
+    """The scales of a run of `cfg` (a `TranscoderConfig`): per layer for a cross-layer transcoder."""
+    return LayerScales if cfg.clt_layers else ActivationScales

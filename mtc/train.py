@@ -38,7 +38,8 @@ from .resample import resample_dead, resampling_due
 from .resume import ResumePoint, decide_resume, restore_newest, trainer_state
 from .run_files import NoFiles, RunFiles
 from .samples import SampleCollector
-from .scaling import ActivationScales
+from .scaling import ActivationScales, scales_for
+from .clt import build_model
 from .transcoder import MatryoshkaTranscoder, TrainingOutput
 
 
@@ -133,7 +134,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup and resume
     def _new_run(self, cfg: TranscoderConfig, mirror_dir: Path | None) -> Run:
         torch.manual_seed(cfg.seed)
-        model = MatryoshkaTranscoder(cfg, device=self.device)
+        model = build_model(cfg, device=self.device)
         optimizer = make_optimizer(model, cfg)
         writer = self.process.writer
         samples = SampleCollector(cfg.d_sae, top_n=cfg.samples_top_n, device=self.device, seed=cfg.seed) \
@@ -184,7 +185,7 @@ class Trainer:
             for run, x, y in zip(self.runs, batch.sources, batch.targets):
                 x, y = self.reduction.gather(x), self.reduction.gather(y)  # the whole batch
                 if run.cfg.normalize_activations == "mean_norm":
-                    run.scales = ActivationScales.estimate(x, y)
+                    run.scales = scales_for(run.cfg).estimate(x, y)
                 run.model.init_from_batch(*self._training_units(run, x, y))
         outputs = [self._train_step(run, x, y) for run, x, y in zip(self.runs, batch.sources, batch.targets)]
         self._collect_samples(outputs, batch)
@@ -229,16 +230,14 @@ class Trainer:
             run.files.final(run.model, run.scales)
             self._save_samples(run)
             run.model.load_state_dict(run.scales.fold(run.model.state_dict()))
-            run.scales = ActivationScales()
+            run.scales = scales_for(run.cfg)()
 
     def _training_units(self, run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch on the device, in the transcoder's dtype and training units (divided by the scales)."""
-        dtype = run.model.W_enc.dtype
+        dtype = run.model.b_dec.dtype
         x = x.to(self.device, dtype, non_blocking=True)
         y = y.to(self.device, dtype, non_blocking=True)
-        if run.scales.is_identity:
-            return x, y
-        return x / run.scales.source, y / run.scales.target
+        return run.scales.training_units(x, y)
 
     def _train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor) -> TrainingOutput:
         x, y = self._training_units(run, x, y)

@@ -49,6 +49,23 @@ def exported(python, tmp_path_factory):
     return model, root, folders
 
 
+@pytest.fixture(scope="module")
+def clt_exported(exported):
+    """A CLT over the same tiny Gemma-3's 3 layers, exported at full width and at prefix 1."""
+    model, root, _ = exported
+    assert main(["train", "--clt", "--layers", "all", "--model-name", model, "--d-sae", "128", "--prefix-sizes", "32",
+                 "128", "--k", "8", "--k-aux", "32", "--batch-size", "64", "--total-tokens", str(64 * 30),
+                 "--warmup-steps", "3", "--seq-len", "32", "--buffer-tokens", "1024", "--model-batch-size", "8",
+                 "--dataset", "pydoc", "--drive-dir", "none", "--wandb-mode", "disabled", "--no-progress",
+                 "--output-dir", str(root), "--run-name", "c"]) == 0
+    folders = {}
+    for prefix in (None, 1):
+        folders[prefix] = root / f"clt-{prefix or 'full'}"
+        assert main(["export", "circuit-tracer", "--run", str(root / "c-clt"), "--out", str(folders[prefix]),
+                     *(["--prefix", str(prefix)] if prefix else [])]) == 0
+    return model, root, folders
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prefix, width", [(None, 128), (1, 32)])
 def test_circuit_tracer_attributes_the_exported_set(exported, python, prefix, width):
@@ -73,3 +90,20 @@ def test_prefix_1_features_are_the_first_latents_of_the_full_set(exported, pytho
     full, first = (mtc_latents(folders[prefix], model, PROMPT) for prefix in (None, 1))
     torch.testing.assert_close(first, full[..., :32])
     assert sorted(load_set(root / "set")) == [0, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefix, width", [(None, 128), (1, 32)])
+def test_circuit_tracer_attributes_the_exported_clt(clt_exported, python, prefix, width):
+    model, root, folders = clt_exported
+    out = root / f"clt-graph-{prefix or 'full'}"
+    summary = attribute_set(folders[prefix], model, PROMPT, out, python=python)
+    assert 0 <= summary["replacement_score"] <= 1 and 0 <= summary["completeness_score"] <= 1
+    assert 0 < summary["feature_nodes_after_pruning"] <= summary["feature_nodes"]
+    theirs = load_file(out / ACTIVATIONS)["activations"]  # circuit-tracer's CLT features, [layers, positions, d]
+    ours = mtc_latents(folders[prefix], model, PROMPT)
+    assert theirs.shape == ours.shape == (3, len(summary["tokens"]), width)
+    assert not theirs[:, 0].any()
+    assert torch.equal(theirs[:, 1:] > 0, ours[:, 1:] > 0)
+    torch.testing.assert_close(theirs[:, 1:], ours[:, 1:], rtol=1e-4, atol=1e-4)
+    assert ours[:, 1:].count_nonzero() > 0

@@ -239,3 +239,12 @@ def test_prefix_model_is_the_prefix_of_the_model():
     assert model.prefix_model(1).cfg.k == 4  # k cannot exceed the prefix's latents
     with pytest.raises(ValueError, match="prefix must be between 1 and 3"):
         model.prefix_model(4)
+
+
+def test_eval_of_a_set_replaces_every_mlp_at_once(one_pass_set, capsys):
+    assert main(["eval", "--run", str(one_pass_set), "--tokens", "256"]) == 0
+    report = json.loads((one_pass_set / "replacement.json").read_text())
+    assert report["kind"] == "transcoder_set" and report["layers"] == [0, 1, 2]
+    assert [row["prefix"] for row in report["prefixes"]] == [1, 2] and len(report["full"]["fvu_per_layer"]) == 3
+    assert report["ce_zero_ablation"] != report["ce_clean"]
+    assert "every MLP zeroed" in capsys.readouterr().out
