@@ -122,8 +122,10 @@ class CrossLayerTranscoder(nn.Module):
         x, y = self._check(x, self.cfg.d_in, "x"), self._check(y, self.cfg.d_out, "y")
         n_tokens, cfg = x.shape[0], self.cfg
         dead = self.tokens_since_fired >= cfg.dead_after_tokens
-        y_hats = y.new_zeros(cfg.n_prefixes, n_tokens, self.n_layers, cfg.d_out)
-        aux_hat = y.new_zeros(n_tokens, self.n_layers, cfg.d_out)
+        # each target's reconstruction is a sum over the layers that write to it; gathered per target and summed
+        # once (in-place adds into slices of one tensor cost a full-size copy per layer in backward)
+        to_target: list[list[Tensor]] = [[] for _ in range(self.n_layers)]
+        aux_to_target: list[list[Tensor]] = [[] for _ in range(self.n_layers)]
         active, fired, smallest = [], [], []
         for layer in range(self.n_layers):
             W_enc, b_enc, W_dec = self.W_enc[layer], self.b_enc[layer], self.W_dec[layer].flatten(1)
@@ -136,22 +138,27 @@ class CrossLayerTranscoder(nn.Module):
                                                 torch.cat([latents, aux_latents]), len(tokens))
             values, aux_values = both.split([len(tokens), len(aux_tokens)])
             decoded = decode_prefixes_sparse(tokens, latents, values, n_tokens, W_dec, 0.0, cfg.prefix_sizes)
-            y_hats[:, :, layer:] += decoded.view(cfg.n_prefixes, n_tokens, self.n_layers - layer, cfg.d_out)
+            for j, part in enumerate(decoded.view(cfg.n_prefixes, n_tokens, -1, cfg.d_out).unbind(2)):
+                to_target[layer + j].append(part)
             if len(aux_tokens):
                 per_token = aux_values.view(n_tokens, -1)
-                aux_hat[:, layer:] += F.embedding_bag(aux_latents.view_as(per_token), W_dec, mode="sum",
-                                                      per_sample_weights=per_token).view(n_tokens, -1, cfg.d_out)
+                aux_decoded = F.embedding_bag(aux_latents.view_as(per_token), W_dec, mode="sum",
+                                              per_sample_weights=per_token)
+                for j, part in enumerate(aux_decoded.view(n_tokens, -1, cfg.d_out).unbind(1)):
+                    aux_to_target[layer + j].append(part)
             kept = values.detach()
             active.append(int((kept > 0).sum()))
             fired.append(latents[kept > 0])
             smallest.append(kept[kept > 0].min() if (kept > 0).any() else kept.new_tensor(torch.inf))
-        y_hats = y_hats + self.b_dec
+        y_hats = torch.stack([sum(parts) for parts in to_target], dim=2) + self.b_dec
         variance = (y - y.mean(0)).pow(2).sum(dim=(0, 2))  # [n_layers]
         fvu = (y - y_hats).pow(2).sum(dim=(1, 3)) / variance  # [prefix, n_layers]
         main = (fvu.mean(1) * self.prefix_weights).sum()
-        any_dead = bool(dead.any())
-        aux = ((y - y_hats[-1]).detach() - aux_hat).pow(2).sum(dim=(0, 2)).div(variance).mean() if any_dead \
-            else y.new_zeros(())
+        if dead.any():
+            aux_hat = torch.stack([sum(parts) if parts else y.new_zeros(n_tokens, cfg.d_out) for parts in aux_to_target], 1)
+            aux = ((y - y_hats[-1]).detach() - aux_hat).pow(2).sum(dim=(0, 2)).div(variance).mean()
+        else:
+            aux = y.new_zeros(())
         if update_stats:
             self._update_stats(fired, n_tokens, torch.stack(smallest))
         loss = main + cfg.aux_coeff * aux

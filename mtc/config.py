@@ -352,7 +352,7 @@ class TranscoderConfig:
             fail("clt_layers", f"must be increasing layer numbers, got {self.clt_layers}", "e.g. [0, 1, 2, 3]")
         if not all("{layer}" in hook for hook in (self.source_hook, self.target_hook)):
             fail("source_hook", "a cross-layer transcoder's hooks must name {layer}", "e.g. blocks.{layer}.hook_mlp_out")
-        for name, allowed in (("skip_connection", False), ("optimizer", "adam"), ("decoder_init", "random"),
+        for name, allowed in (("skip_connection", False), ("decoder_init", "random"),
                               ("kernels", "sparse"), ("samples_every", 0), ("resample_every", 0)):
             if getattr(self, name) != allowed:
                 fail(name, f"is {getattr(self, name)!r}; a cross-layer transcoder trains only with {allowed!r}",

@@ -67,8 +67,8 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                     state["z"], state["x"] = p.detach().clone(), p.detach().clone()
                 z, x = state["z"], state["x"]
                 z.add_(p.grad.sign(), alpha=-group["lr"])
-                if id(p) in self._unit_rows:
-                    z.div_(z.norm(dim=1, keepdim=True).clamp_min(1e-12))
+                if id(p) in self._unit_rows:  # a row: one latent's decoders (over all its targets, for a CLT)
+                    z.div_(z.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (z.ndim - 1)))
                 x.lerp_(z, average_weight)
                 p.copy_(x).lerp_(z, 1 - group["momentum"])
 
@@ -82,7 +82,8 @@ def make_optimizer(model: MatryoshkaTranscoder, cfg: TranscoderConfig) -> torch.
     """Adam over the transcoder's parameters, the fused kernel (one pass over each tensor instead of a
     dozen) where torch has it, CPU and CUDA; or schedule-free sign descent."""
     if cfg.optimizer == "signsgd":
-        return ScheduleFreeSignSGD(model.parameters(), lr=cfg.lr, unit_rows=(model.W_dec,))
+        decoders = tuple(model.W_dec) if isinstance(model.W_dec, torch.nn.ParameterList) else (model.W_dec,)
+        return ScheduleFreeSignSGD(model.parameters(), lr=cfg.lr, unit_rows=decoders)
     fused = model.b_dec.device.type in ("cpu", "cuda")
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=fused)
 

@@ -120,7 +120,7 @@ def test_folded_scales_map_raw_activations_as_training_units_did():
     assert torch.equal(scales.training_units(x_raw, expected)[0], x_raw / torch.tensor(scales.source)[:, None])
 
 
-@pytest.mark.parametrize("field, value", [("skip_connection", True), ("optimizer", "signsgd"), ("samples_every", 5),
+@pytest.mark.parametrize("field, value", [("skip_connection", True), ("decoder_init", "batch"), ("samples_every", 5),
                                           ("clt_layers", [2, 1]), ("source_hook", "blocks.0.ln2.hook_normalized")])
 def test_config_refuses_what_a_clt_cannot_train(field, value):
     with pytest.raises(ValueError, match=f"TranscoderConfig.{field}"):
@@ -141,7 +141,7 @@ def test_memory_plan_counts_every_pair_of_layers_and_names_the_fix():
 def clt_args(model_dir, out, *extra, steps=12):
     return ["train", "--clt", "--layers", "all", "--model-name", str(model_dir), "--d-sae", "48", "--prefix-sizes",
             "16", "48", "--k", "4", "--k-aux", "16", "--batch-size", "32", "--total-tokens", str(32 * steps),
-            "--warmup-steps", "2", "--lr", "1e-2", "--seq-len", "16", "--buffer-tokens", "256", "--model-batch-size",
+            "--warmup-steps", "2", "--optimizer", "signsgd", "--lr", "1e-2", "--seq-len", "16", "--buffer-tokens", "256", "--model-batch-size",
             "8", "--checkpoint-every", "4", "--log-every", "4", "--drive-dir", "none", "--output-dir", str(out),
             "--run-name", "c", "--dataset", "pydoc", "--no-progress", "--wandb-mode", "disabled", *extra]
 
