@@ -52,6 +52,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--layers", metavar="all|A-B|A,B,C",
                         help="train a set, one transcoder per layer (for circuit-tracer); the memory plan decides "
                              "how many layers share a pass")
+    parser.add_argument("--clt", action="store_true",
+                        help="with --layers: one Matryoshka cross-layer transcoder over those layers (docs/clt.md)")
     parser.add_argument("--preset", help="named preset: demo, gemma2-2b-l8, gemma2-2b-l12, gemma2-2b-l17")
     parser.add_argument("--model", help="language model (default: the preset's)")
     parser.add_argument("--allow-cpu", action="store_true",
@@ -180,7 +182,9 @@ def build_train_command(args: argparse.Namespace, extra: list[str], gpu: GpuSett
         if args.layer is not None:
             command += ["--layer", str(args.layer)]
     if args.layers is not None:
-        command += ["--layers", args.layers]
+        command += ["--layers", args.layers] + (["--clt"] if args.clt else [])
+    elif args.clt:
+        raise SystemExit("error: --clt needs --layers (all, A-B or A,B,C): the layers the cross-layer transcoder spans")
     if args.model is not None:
         command += ["--model-name", args.model]
     command += ["--resume", args.resume]
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     command = build_train_command(args, extra, gpu)
     print(f"training command (in {repo}):\n  {shlex.join(command)}", flush=True)
     if args.dry_run:
-        if args.layers is not None:  # the set's memory plan, from the shapes alone (nothing is loaded)
+        if args.layers is not None:  # the set's or CLT's memory plan, from the shapes alone (nothing is loaded)
             status, _ = run_training([*command, "--dry-run"], repo)
             if status != 0:
                 return status

@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import TranscoderConfig, resolve_device
 from .errors import debug_requested, describe, exit_code, reported
 
-LIST_FIELDS = {"prefix_sizes": int, "prefix_weights": float}
+LIST_FIELDS = {"prefix_sizes": int, "prefix_weights": float, "clt_layers": int}
 
 
 def _field_default(f):

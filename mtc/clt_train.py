@@ -26,9 +26,8 @@ SOURCE_TEMPLATE, TARGET_TEMPLATE = default_hooks("{layer}")  # type: ignore[arg-
 
 def clt_config(base: TranscoderConfig, layers: list[int]) -> TranscoderConfig:
     """The CLT over `layers` with `base`'s settings (a set's shared config): every layer's default hook pair."""
-    run_name = base.run_name.removesuffix("-set") + "-clt" if not base.run_name.endswith("-clt") else base.run_name
     return base.replace(clt_layers=list(layers), source_hook=SOURCE_TEMPLATE, target_hook=TARGET_TEMPLATE,
-                        samples_every=0, run_name=run_name)
+                        samples_every=0)
 
 
 def layer_configs(cfg: TranscoderConfig) -> list[TranscoderConfig]:
@@ -85,8 +84,8 @@ def clt_memory_plan(cfg: TranscoderConfig, shape: ModelShape, device: str, capac
         raise ValueError(
             f"memory: this CLT needs about {need / GiB:.2f} GiB, more than {HEADROOM:.0%} of {device} (its parameters "
             f"with gradients and Adam state are {4 * param_bytes / GiB:.2f} GiB: they grow with d_sae and the square "
-            f"of the layers). Lower d_sae (now {cfg.d_sae:,}), train fewer --layers, or lower buffer_tokens (now "
-            f"{cfg.buffer_tokens:,})")
+            f"of the layers). Lower d_sae (now {cfg.d_sae:,}), batch_size (now {cfg.batch_size:,}: a step holds every "
+            f"target's reconstructions), train fewer --layers, or lower buffer_tokens (now {cfg.buffer_tokens:,})")
     return plan
 
 
@@ -106,11 +105,14 @@ def train_clt_command(args) -> int:
     from .sets import parse_layers
     from .train import Trainer
 
-    if args.layers is None:
-        raise UsageError("--clt needs --layers (all, A-B or A,B,C): the layers the cross-layer transcoder spans")
+    if args.layers is None or hasattr(args, "clt_layers"):
+        raise UsageError("--clt needs --layers (all, A-B or A,B,C): the layers the cross-layer transcoder spans "
+                         "(not --clt-layers)")
     if launched_by_torchrun():
         raise UsageError("--clt trains in one process for now; run it without torchrun")
     base, shape = set_config(args)
+    if not hasattr(args, "run_name"):  # as a set is named <name>-set, a CLT is <name>-clt unless named
+        base = base.replace(run_name=base.run_name.removesuffix("-set") + "-clt")
     try:
         cfg = clt_config(base, parse_layers(args.layers, shape.n_layers))
     except ValueError as err:

@@ -87,7 +87,7 @@ def accumulate(sums: dict, out: TrainingOutput) -> None:
     for name in ("loss", "fvu_per_prefix", "aux_loss", "l0"):
         value = (out.reported_loss if name == "loss" else getattr(out, name)).detach().float()
         sums[name] = sums[name] + value if name in sums else value
-    sums["n_dead"] = out.n_dead
+    sums["n_dead"], sums["d_sae"] = out.n_dead, out.d_sae  # d_sae: latents of every layer, for a CLT
     sums["steps"] = sums.get("steps", 0) + 1
 
 
@@ -259,7 +259,7 @@ class Trainer:
         sums, steps = run.interval, run.interval["steps"]
         averaged = TrainingOutput(loss=sums["loss"] / steps, fvu_per_prefix=sums["fvu_per_prefix"] / steps,
                                   aux_loss=sums["aux_loss"] / steps, l0=sums["l0"] / steps,
-                                  n_dead=sums["n_dead"], d_sae=run.cfg.d_sae)
+                                  n_dead=sums["n_dead"], d_sae=sums.get("d_sae", run.cfg.d_sae))
         run.interval = {}
         metrics = averaged.metrics()
         metrics.update(step=self.step, tokens=self.step * run.cfg.batch_size,

@@ -57,11 +57,11 @@ def clt_exported(exported):
                  "128", "--k", "8", "--k-aux", "32", "--batch-size", "64", "--total-tokens", str(64 * 30),
                  "--warmup-steps", "3", "--seq-len", "32", "--buffer-tokens", "1024", "--model-batch-size", "8",
                  "--dataset", "pydoc", "--drive-dir", "none", "--wandb-mode", "disabled", "--no-progress",
-                 "--output-dir", str(root), "--run-name", "c"]) == 0
+                 "--output-dir", str(root)]) == 0
     folders = {}
     for prefix in (None, 1):
         folders[prefix] = root / f"clt-{prefix or 'full'}"
-        assert main(["export", "circuit-tracer", "--run", str(root / "c-clt"), "--out", str(folders[prefix]),
+        assert main(["export", "circuit-tracer", "--run", str(root / "mtc-clt"), "--out", str(folders[prefix]),
                      *(["--prefix", str(prefix)] if prefix else [])]) == 0
     return model, root, folders
 

@@ -141,9 +141,9 @@ def test_memory_plan_counts_every_pair_of_layers_and_names_the_fix():
 def clt_args(model_dir, out, *extra, steps=12):
     return ["train", "--clt", "--layers", "all", "--model-name", str(model_dir), "--d-sae", "48", "--prefix-sizes",
             "16", "48", "--k", "4", "--k-aux", "16", "--batch-size", "32", "--total-tokens", str(32 * steps),
-            "--warmup-steps", "2", "--optimizer", "signsgd", "--lr", "1e-2", "--seq-len", "16", "--buffer-tokens", "256", "--model-batch-size",
+            "--warmup-steps", "2", "--dead-after-tokens", "64", "--optimizer", "signsgd", "--lr", "1e-2", "--seq-len", "16", "--buffer-tokens", "256", "--model-batch-size",
             "8", "--checkpoint-every", "4", "--log-every", "4", "--drive-dir", "none", "--output-dir", str(out),
-            "--run-name", "c", "--dataset", "pydoc", "--no-progress", "--wandb-mode", "disabled", *extra]
+            "--run-name", "c-clt", "--dataset", "pydoc", "--no-progress", "--wandb-mode", "disabled", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,8 @@ def test_clt_needs_layers_and_one_process(tiny_dirs, tmp_path, capsys):
     args = clt_args(tiny_dirs["gemma2"], tmp_path)
     assert main([a for a in args if a not in ("--layers", "all")]) == 2
     assert "--clt needs --layers" in capsys.readouterr().err
+    assert main([*args, "--clt-layers", "0", "1"]) == 2
+    assert "not --clt-layers" in capsys.readouterr().err
 
 
 def test_circuit_tracer_files_hold_the_clt_whole_and_at_a_prefix(trained_clt, tmp_path):
@@ -278,3 +280,11 @@ def test_eval_of_a_clt_writes_the_replacement_report(trained_clt, capsys):
     assert main(["eval", "--run", str(trained_clt), "--tokens", "256"]) == 0
     assert "ce_loss_score" in capsys.readouterr().out
     assert (trained_clt / "replacement.json").is_file()
+
+
+def test_dead_share_counts_the_latents_of_every_layer(trained_clt):
+    import json
+
+    lines = [json.loads(line) for line in (trained_clt / "metrics.jsonl").read_text().splitlines()]
+    assert any(line["dead"] > 0 for line in lines)
+    assert all(line["dead_pct"] == pytest.approx(100 * line["dead"] / (3 * 48)) for line in lines)

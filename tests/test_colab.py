@@ -186,6 +186,16 @@ def test_build_train_command_on_a100_passes_layer_dtypes_and_extras(tmp_path):
     assert command[-3:] == extra  # last, so the user's own flags win
 
 
+def test_build_train_command_passes_a_clt_over_layers():
+    launcher = load_launcher()
+    args, extra = launcher.parse_args(["--layers", "all", "--clt", "--d-sae", "2048"])
+    text = " ".join(launcher.build_train_command(args, extra, A100)[1:])
+    assert "--layers all --clt" in text and text.endswith("--d-sae 2048")
+    args, extra = launcher.parse_args(["--clt"])
+    with pytest.raises(SystemExit, match="--clt needs --layers"):
+        launcher.build_train_command(args, extra, A100)
+
+
 def test_run_training_streams_output_and_finds_the_run_dir(tmp_path, capfd):
     launcher = load_launcher()
     code = ("print('step 1'); print('run_dir: runs/old'); print('run_dir: runs/abc'); "
