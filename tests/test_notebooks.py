@@ -176,7 +176,7 @@ def test_committed_notebooks_have_no_outputs(path):
 
 
 @pytest.mark.slow
-def test_attribution_notebook_compares_two_prefixes(tmp_path):
+def test_attribution_notebook_compares_two_prefixes_of_a_set_and_a_clt(tmp_path):
     from mtc.attribution import circuit_tracer_python
     from mtc.testing import tiny_model
 
@@ -191,15 +191,19 @@ def test_attribution_notebook_compares_two_prefixes(tmp_path):
              "--total-tokens", str(64 * 30), "--warmup-steps", "3", "--seq-len", "32", "--buffer-tokens", "1024",
              "--model-batch-size", "8", "--dataset", "pydoc", "--drive-dir", "none", "--wandb-mode", "disabled",
              "--samples-every", "0", "--no-progress"]
-    values = dict(MODEL=str(tiny), SET_DIR=str(tmp_path / "runs" / "set"), TRAIN_ARGS=train, PREFIXES=[None, 1],
-                  CT_PYTHON=python, INSTALL_VENV=False, MAX_FEATURE_NODES=200)
+    values = dict(MODEL=str(tiny), SET_DIR=str(tmp_path / "runs" / "set"), CLT_DIR=str(tmp_path / "runs" / "set-clt"),
+                  TRAIN_ARGS=train, PREFIXES=[None, 1], CT_PYTHON=python, INSTALL_VENV=False, MAX_FEATURE_NODES=200,
+                  REPLACEMENT_TOKENS=256)
     nb = execute(ATTRIBUTION, values, tmp_path / "executed" / ATTRIBUTION.name)
     table = "".join(outputs(nb, "text/markdown"))
-    assert "| | full | prefix 1 |" in table and "| replacement score |" in table and "| completeness score |" in table
+    assert "| | set, full | set, prefix 1 | CLT, full | CLT, prefix 1 |" in table
+    assert "| replacement score |" in table and "| completeness score |" in table
+    assert "| set | 1 |" in table and "| CLT | 2 |" in table  # every MLP replaced at once, per prefix
     text = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []) if o.get("name") == "stdout")
-    assert text.count("same active features: True") == 2
+    assert text.count("same active features: True") == 4
     assert len(outputs(nb, "image/png")) == 1
     assert (tmp_path / "runs" / "set-circuit-tracer-p1-graph" / "graph.pt").is_file()
+    assert (tmp_path / "runs" / "set-clt-circuit-tracer-p1-graph" / "graph.pt").is_file()
 
 
 def test_all_five_notebooks_exist():
