@@ -67,10 +67,11 @@ def clt_exported(exported):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["exported", "clt_exported"])  # a set, and a cross-layer transcoder
 @pytest.mark.parametrize("prefix, width", [(None, 128), (1, 32)])
-def test_circuit_tracer_attributes_the_exported_set(exported, python, prefix, width):
-    model, root, folders = exported
-    out = root / f"graph-{prefix or 'full'}"
+def test_circuit_tracer_attributes_the_export(request, python, kind, prefix, width):
+    model, root, folders = request.getfixturevalue(kind)
+    out = root / f"{kind}-graph-{prefix or 'full'}"
     summary = attribute_set(folders[prefix], model, PROMPT, out, python=python)
     assert (out / GRAPH).stat().st_size > 0
     assert 0 <= summary["replacement_score"] <= 1 and 0 <= summary["completeness_score"] <= 1
@@ -91,19 +92,3 @@ def test_prefix_1_features_are_the_first_latents_of_the_full_set(exported, pytho
     torch.testing.assert_close(first, full[..., :32])
     assert sorted(load_set(root / "set")) == [0, 1, 2]
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("prefix, width", [(None, 128), (1, 32)])
-def test_circuit_tracer_attributes_the_exported_clt(clt_exported, python, prefix, width):
-    model, root, folders = clt_exported
-    out = root / f"clt-graph-{prefix or 'full'}"
-    summary = attribute_set(folders[prefix], model, PROMPT, out, python=python)
-    assert 0 <= summary["replacement_score"] <= 1 and 0 <= summary["completeness_score"] <= 1
-    assert 0 < summary["feature_nodes_after_pruning"] <= summary["feature_nodes"]
-    theirs = load_file(out / ACTIVATIONS)["activations"]  # circuit-tracer's CLT features, [layers, positions, d]
-    ours = mtc_latents(folders[prefix], model, PROMPT)
-    assert theirs.shape == ours.shape == (3, len(summary["tokens"]), width)
-    assert not theirs[:, 0].any()
-    assert torch.equal(theirs[:, 1:] > 0, ours[:, 1:] > 0)
-    torch.testing.assert_close(theirs[:, 1:], ours[:, 1:], rtol=1e-4, atol=1e-4)
-    assert ours[:, 1:].count_nonzero() > 0

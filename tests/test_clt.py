@@ -82,13 +82,19 @@ def test_training_loss_and_gradients_equal_the_reference(dead):
         torch.testing.assert_close(ours[name], p.grad, msg=name)
 
 
-def test_inference_is_jumprelu_per_layer_and_prefixes_nest():
-    torch.manual_seed(1)
+def trained_looking(seed: int, threshold: float) -> CrossLayerTranscoder:
+    """A small CLT with random decoders to every later layer and a JumpReLU threshold."""
+    torch.manual_seed(seed)
     model = CrossLayerTranscoder(small_config())
     with torch.no_grad():
         for W in model.W_dec:
             W.normal_()
-        model.threshold.fill_(0.5)
+        model.threshold.fill_(threshold)
+    return model
+
+
+def test_inference_is_jumprelu_per_layer_and_prefixes_nest():
+    model = trained_looking(1, 0.5)
     x = torch.randn(10, 3, 16)
     z = model.encode(x)
     for layer in range(3):
@@ -103,12 +109,7 @@ def test_inference_is_jumprelu_per_layer_and_prefixes_nest():
 
 
 def test_folded_scales_map_raw_activations_as_training_units_did():
-    torch.manual_seed(2)
-    model = CrossLayerTranscoder(small_config())
-    with torch.no_grad():
-        for W in model.W_dec:
-            W.normal_()
-        model.threshold.fill_(0.2)
+    model = trained_looking(2, 0.2)
     scales = LayerScales(source=(2.0, 0.5, 3.0), target=(10.0, 100.0, 0.1))
     x = torch.randn(10, 3, 16)
     raw = build_model(model.cfg)
