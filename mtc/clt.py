@@ -57,6 +57,13 @@ class CrossLayerTranscoder(nn.Module):
     def n_layers(self) -> int:
         return len(self.cfg.clt_layers)
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimiser's parameter groups. Layer l's decoders learn at the rate divided by sqrt(N - l), the square
+        root of the number of layers they write to: a step of `lr` on every entry (sign descent; Adam's steps are
+        alike) then moves a latent's decoder row by as much as a transcoder's, whatever the number of targets."""
+        decoders = [{"params": [W], "lr_scale": (self.n_layers - layer) ** -0.5} for layer, W in enumerate(self.W_dec)]
+        return [{"params": [*self.W_enc, *self.b_enc, self.b_dec], "lr_scale": 1.0}, *decoders]
+
     def _prefix_size(self, prefix: int | None) -> int:
         return MatryoshkaTranscoder._prefix_size(self, prefix)
 

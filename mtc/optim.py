@@ -81,11 +81,12 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
 def make_optimizer(model: MatryoshkaTranscoder, cfg: TranscoderConfig) -> torch.optim.Optimizer:
     """Adam over the transcoder's parameters, the fused kernel (one pass over each tensor instead of a
     dozen) where torch has it, CPU and CUDA; or schedule-free sign descent."""
+    params = model.parameter_groups() if hasattr(model, "parameter_groups") else model.parameters()  # a CLT's
     if cfg.optimizer == "signsgd":
         decoders = tuple(model.W_dec) if isinstance(model.W_dec, torch.nn.ParameterList) else (model.W_dec,)
-        return ScheduleFreeSignSGD(model.parameters(), lr=cfg.lr, unit_rows=decoders)
+        return ScheduleFreeSignSGD(params, lr=cfg.lr, unit_rows=decoders)
     fused = model.b_dec.device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=fused)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, fused=fused)
 
 
 def weights_to_keep(model: MatryoshkaTranscoder, optimizer: torch.optim.Optimizer) -> MatryoshkaTranscoder:
@@ -116,7 +117,7 @@ def train_step(model: MatryoshkaTranscoder, optimizer: torch.optim.Optimizer, x:
     model.remove_parallel_decoder_grad()
     torch.nn.utils.clip_grad_norm_(model.parameters(), model.cfg.grad_clip)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.step()
     if not isinstance(optimizer, ScheduleFreeSignSGD):  # that one keeps its own iterate's rows at unit norm
         model.normalize_decoder()

@@ -289,3 +289,18 @@ def test_dead_share_counts_the_latents_of_every_layer(trained_clt):
     lines = [json.loads(line) for line in (trained_clt / "metrics.jsonl").read_text().splitlines()]
     assert any(line["dead"] > 0 for line in lines)
     assert all(line["dead_pct"] == pytest.approx(100 * line["dead"] / (3 * 48)) for line in lines)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "signsgd"])
+def test_decoders_learn_at_the_rate_divided_by_the_root_of_their_targets(optimizer):
+    from mtc.optim import make_optimizer, train_step
+
+    model = CrossLayerTranscoder(small_config(optimizer=optimizer))
+    opt = make_optimizer(model, model.cfg)
+    x, y = torch.randn(64, 3, 16), torch.randn(64, 3, 16)
+    model.init_from_batch(x, y)
+    train_step(model, opt, x, y, lr=0.01)
+    rates = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
+    assert sorted(rates.values()) == pytest.approx(sorted([0.01 / 3**0.5, 0.01 / 2**0.5] + [0.01] * 8))
+    assert rates[id(model.W_dec[0])] == pytest.approx(0.01 / 3**0.5) and rates[id(model.W_enc[0])] == 0.01
+    assert len(rates) == len(list(model.parameters()))
