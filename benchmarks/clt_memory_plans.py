@@ -3,7 +3,7 @@ the table of docs/clt.md. `python benchmarks/clt_memory_plans.py`.
 
 For each model and device: the widest d_sae per layer (a multiple of 1,024) whose training (`mtc.clt_train.
 clt_memory_plan`: parameters with gradients and Adam state, one activation buffer per hook, the language model and
-one step's working set) fits 90% of the device, with 16-bit activations in a buffer of 32,768 tokens, and in one of 8,192 (a shorter
+one step's working set) fits 90% of the device, in batches of 1,024 tokens, with 16-bit activations in a buffer of 32,768 tokens, and in one of 8,192 (a shorter
 buffer shuffles less but leaves the room to the decoders).
 """
 
@@ -28,7 +28,7 @@ def widest(shape: ModelShape, device: str, buffer_tokens: int) -> tuple[int, flo
         cfg = TranscoderConfig(d_in=shape.d_model, d_out=shape.d_model, d_sae=d_sae, k=64,
                                prefix_sizes=[d_sae // 16, d_sae // 4, d_sae], clt_layers=list(range(shape.n_layers)),
                                source_hook=SOURCE_TEMPLATE, target_hook=TARGET_TEMPLATE, samples_every=0,
-                               batch_size=4096, buffer_tokens=buffer_tokens, activation_dtype="bfloat16",
+                               batch_size=1024, buffer_tokens=buffer_tokens, activation_dtype="bfloat16",
                                model_dtype="bfloat16", model_batch_size=32)
         try:
             plan = clt_memory_plan(cfg, shape, device, int(NAMED_DEVICES[device] * GiB))

@@ -64,6 +64,15 @@ def clt_parameters(cfg: TranscoderConfig) -> int:
     return n * (cfg.d_in * cfg.d_sae + cfg.d_sae + cfg.d_out) + cfg.d_sae * cfg.d_out * n * (n + 1) // 2
 
 
+def clt_step_bytes(cfg: TranscoderConfig) -> int:
+    """A training step's working set: each layer pair's reconstruction per prefix and its AuxK part, with their
+    gradients (kept for backward), and every target's sums (measured: 9.25 GiB peak for a plan of 10.04 GiB, 18
+    layers of the offline Gemma-3-270M, 1,024 latents each, batch 512)."""
+    n = len(cfg.clt_layers)
+    pairs = n * (n + 1) // 2
+    return cfg.batch_size * cfg.d_out * 4 * (2 * pairs * (cfg.n_prefixes + 1) + n * (cfg.n_prefixes + 4))
+
+
 def clt_memory_plan(cfg: TranscoderConfig, shape: ModelShape, device: str, capacity: int,
                     on_cpu: bool = False) -> MemoryPlan:
     """What a CLT's training holds at once (all layers in one pass), from the shapes alone. Raises
@@ -73,8 +82,7 @@ def clt_memory_plan(cfg: TranscoderConfig, shape: ModelShape, device: str, capac
     param_bytes = clt_parameters(cfg) * DTYPE_BYTES[cfg.dtype]
     per_pass.update({f"CLT parameters ({n * (n + 1) // 2} decoder pairs)": param_bytes, "gradients": param_bytes,
                      "Adam state": 2 * param_bytes,
-                     # every prefix's reconstruction of every target, its gradient, and the AuxK reconstruction
-                     "CLT step (all targets at once)": cfg.batch_size * n * cfg.d_out * 4 * (2 * cfg.n_prefixes + 4)})
+                     "CLT step (every pair of layers at once)": clt_step_bytes(cfg)})
     per_layer = {name: size for name, size in layer_costs(cfg, shape).items()
                  if name not in ("transcoder parameters", "gradients", "Adam state")}
     plan = MemoryPlan(device, capacity, per_pass, per_layer, list(cfg.clt_layers), [list(cfg.clt_layers)],

@@ -131,12 +131,15 @@ def test_config_refuses_what_a_clt_cannot_train(field, value):
 def test_memory_plan_counts_every_pair_of_layers_and_names_the_fix():
     shape = model_shape("google/gemma-2-2b")
     cfg = TranscoderConfig(d_in=2304, d_out=2304, d_sae=2048, k=64, clt_layers=list(range(26)), samples_every=0,
-                           buffer_tokens=16_384, **TEMPLATES)
+                           buffer_tokens=8_192, batch_size=1024, activation_dtype="bfloat16", model_dtype="bfloat16",
+                           **TEMPLATES)
     assert clt_parameters(cfg) == 26 * (2304 * 2048 + 2048 + 2304) + 2048 * 2304 * 351
     plan = clt_memory_plan(cfg, shape, "a100-80gb", 80 * GiB)
     assert plan.passes == [list(range(26))]
-    with pytest.raises(ValueError, match="Lower d_sae"):
+    with pytest.raises(ValueError, match="Lower d_sae .*batch_size"):
         clt_memory_plan(cfg, shape, "t4", 15 * GiB)
+    with pytest.raises(ValueError, match="batch_size"):  # the step holds every pair of layers' reconstructions
+        clt_memory_plan(cfg.replace(batch_size=4096), shape, "a100-80gb", 80 * GiB)
 
 
 def clt_args(model_dir, out, *extra, steps=12):
