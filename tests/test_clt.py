@@ -2,6 +2,7 @@
 the memory plan, and circuit-tracer's CLT files."""
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -176,6 +177,42 @@ def test_train_clt_resumes_exactly(trained_clt, tiny_dirs, tmp_path, capsys):
     assert sorted(expected) == sorted(resumed)
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
+
+
+@pytest.mark.slow
+def test_train_clt_killed_with_sigkill_resumes_to_the_same_weights(tiny_dirs, tmp_path):
+    """A CLT run killed (SIGKILL) after a checkpoint, then started again, ends with the weights of a run never
+    stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")} | {"HF_HUB_OFFLINE": "1"}
+    repo = Path(__file__).resolve().parents[1]
+
+    def command(out):
+        return [sys.executable, "-m", "mtc", *clt_args(tiny_dirs["gemma2"], out, steps=200)]
+
+    reference = subprocess.run(command(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300,
+                               cwd=repo)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
+    deadline = time.time() + 240
+    while not (out / "c-clt" / "checkpoints" / "step_40").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "c-clt" / "final").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step" in resumed.stderr
+    a = load_file(tmp_path / "ref" / "c-clt" / "final" / "model.safetensors")
+    b = load_file(out / "c-clt" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dry_run_prints_the_plan_and_loads_nothing(tiny_dirs, tmp_path, capsys, model_loads):
