@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +75,15 @@ def no_wandb_key(monkeypatch, tmp_path):
     for name in [n for n in os.environ if n.startswith("WANDB") or n == "NETRC"]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def killed_once_written(command: list[str], written: Path, env: dict, cwd: Path, wait_s: float = 240) -> None:
+    """Start `command`, SIGKILL it as soon as `written` exists (a checkpoint folder, say), and check that it died
+    by the kill and before it could finish."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+    deadline = time.time() + wait_s
+    while not written.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL

@@ -2,7 +2,6 @@
 the memory plan, and circuit-tracer's CLT files."""
 
 import shutil
-import time
 
 import pytest
 import torch
@@ -184,10 +183,11 @@ def test_train_clt_killed_with_sigkill_resumes_to_the_same_weights(tiny_dirs, tm
     """A CLT run killed (SIGKILL) after a checkpoint, then started again, ends with the weights of a run never
     stopped."""
     import os
-    import signal
     import subprocess
     import sys
     from pathlib import Path
+
+    from conftest import killed_once_written
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")} | {"HF_HUB_OFFLINE": "1"}
     repo = Path(__file__).resolve().parents[1]
@@ -199,13 +199,7 @@ def test_train_clt_killed_with_sigkill_resumes_to_the_same_weights(tiny_dirs, tm
                                cwd=repo)
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
-    deadline = time.time() + 240
-    while not (out / "c-clt" / "checkpoints" / "step_40").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    killed_once_written(command(out), out / "c-clt" / "checkpoints" / "step_40", env, repo)
     assert not (out / "c-clt" / "final").exists(), "the run finished before it could be killed"
     resumed = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=300, cwd=repo)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

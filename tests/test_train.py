@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,8 @@ from mtc.checkpoint import list_checkpoints, load_checkpoint
 from mtc.logger import read_metrics
 from mtc.testing import SyntheticStore
 from mtc.train import NonFiniteError, StopRequested, Trainer, learning_rate
+
+from conftest import killed_once_written
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,14 +192,7 @@ def test_sigkill_at_any_point_then_resume_gives_bit_identical_weights(tiny_dirs,
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(tiny_dirs["gemma2"], out), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 240
-    while not (out / "r" / "checkpoints" / "step_30").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    killed_once_written(cli(tiny_dirs["gemma2"], out), out / "r" / "checkpoints" / "step_30", env, REPO)
     assert not (out / "r" / "final").exists(), "the run finished before it could be killed"
 
     resumed = subprocess.run(cli(tiny_dirs["gemma2"], out), env=env, capture_output=True, text=True, timeout=300,
