@@ -355,6 +355,7 @@ def run_and_report(train: Callable[[], object], runs: Callable[[], list], set_di
     """Call `train()`, then print each run's final figures and where it is; the exit status says whether
     training finished (0), stopped on a signal (128 + signal) or failed (1: non-finite or diverged)."""
     from .train import DIVERGING_FVU, NonFiniteError, StopRequested, diverged
+    from .transcoder import DEAD_SHARE_TOKENS
 
     try:
         train()
@@ -368,7 +369,8 @@ def run_and_report(train: Callable[[], object], runs: Callable[[], list], set_di
         cfg, metrics = run.cfg, run.last_metrics
         prefixes = " ".join(f"{metrics[f'fvu/prefix_{g}']:.3f}" for g in range(1, cfg.n_prefixes + 1))
         print(f"{cfg.run_name}: final fvu={metrics['fvu']:.4f} (per prefix {prefixes}) l0={metrics['l0']:.1f} "
-              f"dead={metrics['dead_pct']:.1f}% (silent for {cfg.dead_after_tokens:,} tokens, the AuxK window) "
+              f"dead={metrics['dead_pct_100k']:.1f}% (silent for {DEAD_SHARE_TOKENS:,} tokens; "
+              f"{metrics['dead_pct']:.1f}% in the AuxK window of {cfg.dead_after_tokens:,}) "
               f"tokens/s={metrics['tokens_per_s']:,.0f}")
         if set_dir is None:
             print(f"run_dir: {cfg.run_dir}")

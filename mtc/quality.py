@@ -31,11 +31,11 @@ from .activations import ActivationBatch, build_store
 from .config import TranscoderConfig
 from .data import special_token_ids
 from .evaluate import PrefixStatistics, held_out_contexts
-from .transcoder import MatryoshkaTranscoder
+from .transcoder import DEAD_SHARE_TOKENS, MatryoshkaTranscoder
 
 
 # dead (train) is also reported over this fixed window, whatever the run's dead_after_tokens (the AuxK window)
-DEAD_REPORT_TOKENS = 100_000
+DEAD_REPORT_TOKENS = DEAD_SHARE_TOKENS
 
 
 @dataclass
@@ -175,8 +175,7 @@ def train_cached(cfg: TranscoderConfig, cache: ActivationCache, device: str = "c
     start = time.perf_counter()
     (metrics,) = trainer.train()
     seconds = time.perf_counter() - start
-    since_fired = trainer.runs[0].model.tokens_since_fired
-    metrics = {**metrics, "dead_pct_window": 100.0 * float((since_fired >= DEAD_REPORT_TOKENS).float().mean())}
+    metrics = {**metrics, "dead_pct_window": metrics["dead_pct_100k"]}
     model = load(cfg.run_dir / "final", device=device)
     report = evaluate_cached(model, cache)
     report.update(train=metrics, seconds=seconds)

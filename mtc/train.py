@@ -40,7 +40,7 @@ from .run_files import NoFiles, RunFiles
 from .samples import SampleCollector
 from .scaling import ActivationScales, scales_for
 from .clt import build_model
-from .transcoder import MatryoshkaTranscoder, TrainingOutput
+from .transcoder import DEAD_SHARE_TOKENS, MatryoshkaTranscoder, TrainingOutput
 
 
 class NonFiniteError(RuntimeError):
@@ -262,8 +262,10 @@ class Trainer:
                                   n_dead=sums["n_dead"], d_sae=sums.get("d_sae", run.cfg.d_sae))
         run.interval = {}
         metrics = averaged.metrics()
-        metrics.update(step=self.step, tokens=self.step * run.cfg.batch_size,
-                       lr=learning_rate(self.step - 1, run.cfg), tokens_per_s=tokens_per_s)
+        silent = run.model.tokens_since_fired >= DEAD_SHARE_TOKENS
+        metrics.update(dead_pct_100k=100.0 * float(silent.float().mean()), step=self.step,
+                       tokens=self.step * run.cfg.batch_size, lr=learning_rate(self.step - 1, run.cfg),
+                       tokens_per_s=tokens_per_s)
         run.last_metrics = metrics
         run.files.log(metrics)
         self._warn_if_diverging(run, metrics["fvu"])

@@ -28,6 +28,10 @@ from .kernels import SelectedPreActivations, aux_k_indices, decode_prefixes_spar
 from .parallel import LOCAL, BatchReduction
 
 
+# A latent silent this long is dead whatever the AuxK window (`dead_after_tokens`): the trainer's dead share.
+DEAD_SHARE_TOKENS = 100_000
+
+
 # ---------------------------------------------------------------------- pure maths
 def batch_topk(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, Tensor]:
     """Keep the `k * batch` largest entries over the whole batch, zero the rest.

@@ -59,8 +59,8 @@ def test_run_dir_layout_and_learning(tmp_path):
     assert sorted(p.name for p in (run / "final").iterdir()) == ["config.json", "model.safetensors"]
     lines = read_metrics(run)
     assert [m["step"] for m in lines] == [50, 100, 150, 200, 250, 300]
-    assert {"loss", "fvu", "fvu/prefix_1", "fvu_min", "fvu_mean", "fvu_max", "l0", "dead_pct", "aux_loss", "lr",
-            "tokens", "tokens_per_s"} <= set(lines[-1])
+    assert {"loss", "fvu", "fvu/prefix_1", "fvu_min", "fvu_mean", "fvu_max", "l0", "dead_pct", "dead_pct_100k", "aux_loss",
+            "lr", "tokens", "tokens_per_s"} <= set(lines[-1])
     assert metrics["fvu"] == lines[-1]["fvu"] < 0.8 * lines[0]["fvu"]
 
 
@@ -216,6 +216,9 @@ def test_demo_preset_end_to_end_without_wandb_key_or_tty(tiny_dirs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "W&B: offline, no API key found" in result.stderr
     assert f"run_dir: {tmp_path / 'demo'}" in result.stdout
+    last = read_metrics(tmp_path / "demo")[-1]
+    assert (f"dead={last['dead_pct_100k']:.1f}% (silent for 100,000 tokens; {last['dead_pct']:.1f}% in the AuxK "
+            f"window of 1,280)") in result.stdout
     assert (tmp_path / "demo" / "final" / "model.safetensors").is_file()
     assert list((tmp_path / "demo" / "wandb").glob("offline-run-*"))
     assert [m["step"] for m in read_metrics(tmp_path / "demo")] == [25, 40]
@@ -257,3 +260,15 @@ def test_a_run_diverging_while_finite_is_warned_about(tmp_path, capsys):
 def test_a_healthy_run_gets_no_divergence_warning(tmp_path, capsys):
     train(config(tmp_path))
     assert "diverging" not in capsys.readouterr().err
+
+
+def test_dead_share_counts_latents_silent_for_the_fixed_window_not_the_auxk_window(tmp_path, monkeypatch):
+    import mtc.train
+
+    monkeypatch.setattr(mtc.train, "DEAD_SHARE_TOKENS", 256 * 20)  # 20 steps stand in for 100,000 tokens
+    cfg = config(tmp_path, d_sae=1024, prefix_sizes=[16, 64, 1024], k=2, total_tokens=256 * 60, log_every=60,
+                 dead_after_tokens=256)  # 512 firings per batch over 1,024 latents: many skip a batch
+    trainer, (metrics,) = train(cfg)
+    since_fired = trainer.runs[0].model.tokens_since_fired
+    assert metrics["dead_pct_100k"] == pytest.approx(100.0 * float((since_fired >= 256 * 20).float().mean()))
+    assert metrics["dead_pct"] > metrics["dead_pct_100k"]  # a one-batch window counts latents that skipped a batch
