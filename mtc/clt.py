@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .config import TranscoderConfig, default_prefix_weights, torch_dtype
 from .kernels import SelectedPreActivations, aux_k_indices, batch_topk_indices, decode_prefixes_sparse
-from .transcoder import MatryoshkaTranscoder, TrainingOutput
+from .transcoder import MatryoshkaTranscoder, TrainingOutput, prefix_size
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -64,8 +64,9 @@ class CrossLayerTranscoder(nn.Module):
         decoders = [{"params": [W], "lr_scale": (self.n_layers - layer) ** -0.5} for layer, W in enumerate(self.W_dec)]
         return [{"params": [*self.W_enc, *self.b_enc, self.b_dec], "lr_scale": 1.0}, *decoders]
 
-    def _prefix_size(self, prefix: int | None) -> int:
-        return MatryoshkaTranscoder._prefix_size(self, prefix)
+    def unit_norm_decoders(self) -> tuple[Tensor, ...]:
+        """Each layer's decoders; a row (one latent's decoders over all its targets) is kept at unit norm."""
+        return tuple(self.W_dec)
 
     def _check(self, t: Tensor, width: int, name: str) -> Tensor:
         """`[..., n_layers, width]` to `[tokens, n_layers, width]`, with errors that say what was expected."""
@@ -76,7 +77,7 @@ class CrossLayerTranscoder(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def pre_activations(self, x: Float[Tensor, "... n_layers d_in"], prefix: int | None = None) -> Tensor:
-        m, x = self._prefix_size(prefix), self._check(x, self.cfg.d_in, "x")
+        m, x = prefix_size(self.cfg, prefix), self._check(x, self.cfg.d_in, "x")
         return torch.stack([F.relu(x[:, layer] @ W[:, :m] + b[:m])
                             for layer, (W, b) in enumerate(zip(self.W_enc, self.b_enc))], dim=1)
 
@@ -87,7 +88,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode(self, z: Float[Tensor, "... n_layers m"], prefix: int | None = None) -> Tensor:
         """Every target `[..., n_layers, d_out]` from the first `prefix` groups of every layer's latents."""
-        m = self._prefix_size(prefix)
+        m = prefix_size(self.cfg, prefix)
         flat = z.reshape(-1, self.n_layers, z.shape[-1])[..., :m]
         y_hat = self.b_dec.expand(flat.shape[0], -1, -1).clone()
         for layer, W in enumerate(self.W_dec):
@@ -99,19 +100,19 @@ class CrossLayerTranscoder(nn.Module):
 
     def encode_layer(self, x: Float[Tensor, "... d_in"], layer: int, prefix: int | None = None) -> Tensor:
         """The latents of the `layer`-th layer alone (its position in `clt_layers`) from its source activations."""
-        m = self._prefix_size(prefix)
+        m = prefix_size(self.cfg, prefix)
         a = F.relu(x @ self.W_enc[layer][:, :m] + self.b_enc[layer][:m])
         return a * (a > self.threshold[layer, :m])
 
     def decode_layer(self, latents: list[Tensor], layer: int, prefix: int | None = None) -> Tensor:
         """Target `layer` from `latents[i]`, the latents of every layer i <= `layer` (`encode_layer`'s)."""
-        m = self._prefix_size(prefix)
+        m = prefix_size(self.cfg, prefix)
         return sum(z[..., :m] @ self.W_dec[i][:m, layer - i] for i, z in enumerate(latents[:layer + 1])) \
             + self.b_dec[layer]
 
     def prefix_model(self, prefix: int) -> CrossLayerTranscoder:
         """A standalone CLT of the first `prefix` groups of every layer."""
-        m = self._prefix_size(prefix)
+        m = prefix_size(self.cfg, prefix)
         weights = self.cfg.prefix_weights[:prefix] if self.cfg.prefix_weights else None
         cfg = self.cfg.replace(d_sae=m, prefix_sizes=self.cfg.prefix_sizes[:prefix], k=min(self.cfg.k, m),
                                prefix_weights=weights if weights and sum(weights) > 0 else None)

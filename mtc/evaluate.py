@@ -48,7 +48,7 @@ def held_out_contexts(bridge, dataset: str, n_tokens: int, seq_len: int, split: 
     return torch.stack([contexts[i] for i in chosen.tolist()])
 
 
-def _next_token_log_probs(logits: Tensor) -> Tensor:
+def next_token_log_probs(logits: Tensor) -> Tensor:
     return F.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
@@ -140,7 +140,7 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
         targets = tokens[:, 1:]
 
         clean_logits, cache = bridge.run_with_cache(tokens, names_filter=[source, target])
-        clean_lp = _next_token_log_probs(clean_logits)
+        clean_lp = next_token_log_probs(clean_logits)
         del clean_logits
         n_predicted = int(predict.sum())
         totals.count += n_predicted
@@ -171,7 +171,7 @@ def evaluate(model: MatryoshkaTranscoder, bridge, contexts: Tensor, batch_size: 
         for name, prefix in runs:
             logits = bridge.run_with_hooks(tokens, fwd_hooks=[
                 (source, keep_source), (target, lambda value, hook, p=prefix: replace(value, hook, p))])
-            log_probs = _next_token_log_probs(logits)
+            log_probs = next_token_log_probs(logits)
             del logits
             totals.add(f"ce_{name}", -log_probs.gather(-1, targets[..., None])[..., 0][predict])
             kl = (clean_lp.exp() * (clean_lp - log_probs)).sum(-1)

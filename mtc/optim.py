@@ -81,10 +81,9 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
 def make_optimizer(model: MatryoshkaTranscoder, cfg: TranscoderConfig) -> torch.optim.Optimizer:
     """Adam over the transcoder's parameters, the fused kernel (one pass over each tensor instead of a
     dozen) where torch has it, CPU and CUDA; or schedule-free sign descent."""
-    params = model.parameter_groups() if hasattr(model, "parameter_groups") else model.parameters()  # a CLT's
+    params = model.parameter_groups()
     if cfg.optimizer == "signsgd":
-        decoders = tuple(model.W_dec) if isinstance(model.W_dec, torch.nn.ParameterList) else (model.W_dec,)
-        return ScheduleFreeSignSGD(params, lr=cfg.lr, unit_rows=decoders)
+        return ScheduleFreeSignSGD(params, lr=cfg.lr, unit_rows=model.unit_norm_decoders())
     fused = model.b_dec.device.type in ("cpu", "cuda")
     return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, fused=fused)
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .clt import CrossLayerTranscoder
 from .data import special_token_ids
-from .evaluate import _next_token_log_probs
+from .evaluate import next_token_log_probs
 from .transcoder import MatryoshkaTranscoder
 
 
@@ -87,7 +87,7 @@ def evaluate_replacement(replacement: SetReplacement | CLTReplacement, bridge, c
         n_predicted += int(predict.sum())
         names = [hook for pair in replacement.hooks for hook in pair]
         clean_logits, cache = bridge.run_with_cache(tokens, names_filter=names)
-        clean = _next_token_log_probs(clean_logits)
+        clean = next_token_log_probs(clean_logits)
         add("ce_clean", -clean.gather(-1, targets[..., None])[..., 0][predict])
 
         # each layer's reconstruction from the clean activations
@@ -120,7 +120,7 @@ def evaluate_replacement(replacement: SetReplacement | CLTReplacement, bridge, c
             for position, (source, target) in enumerate(replacement.hooks):
                 hooks += [(source, lambda v, hook, p=position: keep_source(v, hook, p)),
                           (target, lambda v, hook, p=position: replace(v, hook, p))]
-            log_probs = _next_token_log_probs(bridge.run_with_hooks(tokens, fwd_hooks=hooks))
+            log_probs = next_token_log_probs(bridge.run_with_hooks(tokens, fwd_hooks=hooks))
             add(f"ce_{name}", -log_probs.gather(-1, targets[..., None])[..., 0][predict])
             add(f"kl_{name}", (clean.exp() * (clean - log_probs)).sum(-1)[predict])
 

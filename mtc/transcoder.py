@@ -33,6 +33,15 @@ DEAD_SHARE_TOKENS = 100_000
 
 
 # ---------------------------------------------------------------------- pure maths
+def prefix_size(cfg: TranscoderConfig, prefix: int | None) -> int:
+    """The number of latents prefix `prefix` (a group count, 1-based; None: all) uses."""
+    if prefix is None:
+        return cfg.d_sae
+    if not 1 <= prefix <= cfg.n_prefixes:
+        raise ValueError(f"prefix must be between 1 and {cfg.n_prefixes} (number of groups), got {prefix}")
+    return cfg.prefix_sizes[prefix - 1]
+
+
 def batch_topk(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, Tensor]:
     """Keep the `k * batch` largest entries over the whole batch, zero the rest.
 
@@ -182,16 +191,15 @@ class MatryoshkaTranscoder(nn.Module):
                              f"move it with {name}.to('{self.W_enc.device}')")
         return t.reshape(-1, width)
 
-    def _prefix_size(self, prefix: int | None) -> int:
-        if prefix is None:
-            return self.cfg.d_sae
-        if not 1 <= prefix <= self.cfg.n_prefixes:
-            raise ValueError(f"prefix must be between 1 and {self.cfg.n_prefixes} (number of groups), got {prefix}")
-        return self.cfg.prefix_sizes[prefix - 1]
+    def parameter_groups(self) -> list[dict]:  # the optimiser's: one group, at the schedule's rate
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
+    def unit_norm_decoders(self) -> tuple[Tensor, ...]:  # decoders whose rows (one per latent) have unit norm
+        return (self.W_dec,)
 
     # ------------------------------------------------------------------ inference
     def pre_activations(self, x: Float[Tensor, "... d_in"], prefix: int | None = None) -> Tensor:
-        m = self._prefix_size(prefix)
+        m = prefix_size(self.cfg, prefix)
         return F.relu(self._as_tokens(x, self.cfg.d_in, "x") @ self.W_enc[:, :m] + self.b_enc[:m])
 
     def encode(self, x: Float[Tensor, "... d_in"], prefix: int | None = None) -> Float[Tensor, "... m"]:
@@ -204,7 +212,7 @@ class MatryoshkaTranscoder(nn.Module):
     def decode(self, z: Float[Tensor, "... m"], prefix: int | None = None) -> Float[Tensor, "... d_out"]:
         """Reconstruction from the first `prefix` groups of latents (the skip path is not included:
         it needs `x`, see `forward`)."""
-        m = self._prefix_size(prefix)
+        m = prefix_size(self.cfg, prefix)
         if z.shape[-1] < m:
             raise ValueError(f"z has {z.shape[-1]} latents but prefix {prefix} needs the first {m}")
         flat = z.reshape(-1, z.shape[-1])[:, :m]
@@ -220,7 +228,7 @@ class MatryoshkaTranscoder(nn.Module):
     def prefix_model(self, prefix: int) -> MatryoshkaTranscoder:
         """A standalone transcoder of the first `prefix` groups: its `forward(x)` is this model's
         `forward(x, prefix)`. Exports of a prefix are written from it."""
-        m = self._prefix_size(prefix)
+        m = prefix_size(self.cfg, prefix)
         weights = self.cfg.prefix_weights[:prefix] if self.cfg.prefix_weights else None
         cfg = self.cfg.replace(d_sae=m, prefix_sizes=self.cfg.prefix_sizes[:prefix], k=min(self.cfg.k, m),
                                prefix_weights=weights if weights and sum(weights) > 0 else None)
