@@ -4,9 +4,11 @@ from mtc import TranscoderConfig
 from mtc.presets import PRESETS, aux_window, defaults_for_layer, matryoshka_prefixes, sign_descent_lr
 
 
-def test_learning_rate_falls_with_the_square_root_of_the_width():
-    assert sign_descent_lr(16_384) == pytest.approx(5e-3)
-    assert sign_descent_lr(4 * 2560) == pytest.approx(sign_descent_lr(2560) / 2, rel=1e-4)
+def test_learning_rate_falls_with_the_square_root_of_the_width_down_to_the_measured_floor():
+    assert sign_descent_lr(2560) == pytest.approx(1.2649e-2)  # the demo's rate, sparsify's rule
+    assert sign_descent_lr(640) == pytest.approx(2 * sign_descent_lr(2560), rel=1e-4)
+    assert sign_descent_lr(8192) == sign_descent_lr(16_384) == sign_descent_lr(36_864) == pytest.approx(1.06e-2)
+    assert PRESETS["gemma2-2b-l17"]["lr"] == PRESETS["gemma2-2b-l12"]["lr"] == pytest.approx(1.06e-2)
 
 
 def test_aux_window_holds_sixteen_firings_of_an_average_latent():
