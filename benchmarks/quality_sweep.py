@@ -85,7 +85,7 @@ def main() -> None:
         full, first = report["full"], report["prefixes"][0]
         line = {"run": text, "fvu": full["fvu"], "fvu_first": first["fvu"], "first_latents": first["latents"],
                 "l0": full["l0"], "dead_pct_eval": full["dead_pct"], "dead_pct_train": report["train"]["dead_pct"],
-                "dead_pct_train_100k": report["train"]["dead_pct_window"],
+                "dead_pct_train_100k": report["train"]["dead_pct_100k"],
                 "seconds": report["seconds"], "train_tokens": cfg.total_tokens, "d_sae": cfg.d_sae, "k": cfg.k,
                 "prefixes": [row["fvu"] for row in report["prefixes"]]}
         with open(args.jsonl, "a") as f:

@@ -34,10 +34,6 @@ from .evaluate import PrefixStatistics, held_out_contexts
 from .transcoder import DEAD_SHARE_TOKENS, MatryoshkaTranscoder
 
 
-# dead (train) is also reported over this fixed window, whatever the run's dead_after_tokens (the AuxK window)
-DEAD_REPORT_TOKENS = DEAD_SHARE_TOKENS
-
-
 @dataclass
 class ActivationCache:
     """Source and target activations of one hook pair: training rows in serving order, held-out rows."""
@@ -175,7 +171,6 @@ def train_cached(cfg: TranscoderConfig, cache: ActivationCache, device: str = "c
     start = time.perf_counter()
     (metrics,) = trainer.train()
     seconds = time.perf_counter() - start
-    metrics = {**metrics, "dead_pct_window": metrics["dead_pct_100k"]}
     model = load(cfg.run_dir / "final", device=device)
     report = evaluate_cached(model, cache)
     report.update(train=metrics, seconds=seconds)
@@ -226,7 +221,7 @@ def run_sparsify(python: str | Path, cache_path: str | Path, cfg: TranscoderConf
         result_path = Path(folder) / "sparsify.json"
         command = [str(python), str(SPARSIFY_SCRIPT), "--cache", str(cache_path), "--normalize", "mean_norm",
                    "--d-sae", str(cfg.d_sae), "--k", str(cfg.k), "--batch-size", str(cfg.batch_size),
-                   "--first-latents", str(cfg.prefix_sizes[0]), "--dead-window", str(DEAD_REPORT_TOKENS),
+                   "--first-latents", str(cfg.prefix_sizes[0]), "--dead-window", str(DEAD_SHARE_TOKENS),
                    "--json", str(result_path)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -244,7 +239,7 @@ def sparsify_report(result: dict) -> dict:
              "dead_pct": float("nan")},
             {"prefix": 2, "latents": settings["d_sae"], "fvu": result["fvu"], "l0": result["l0"],
              "dead_pct": result["dead_pct_eval"]}]
-    train = {"dead_pct": result["dead_pct_train"], "dead_pct_window": result["dead_pct_train"]}
+    train = {"dead_pct": result["dead_pct_train"], "dead_pct_100k": result["dead_pct_train"]}
     return {"full": rows[-1], "prefixes": rows, "tokens": settings["eval_tokens"], "train": train,
             "seconds": result["train_seconds"], "sparsify": settings}
 
@@ -260,10 +255,10 @@ def format_quality(reports: dict[str, dict]) -> str:
             train = report["train"]
             lines.append(f"{name:<12}{'full' if last else row['prefix']:>7}{row['latents']:>9}{row['fvu']:>9.4f}"
                          f"{row['l0']:>8.1f}{row['dead_pct']:>14.1f}"
-                         + (f"{train['dead_pct']:>15.1f}{train.get('dead_pct_window', float('nan')):>14.1f}"
+                         + (f"{train['dead_pct']:>15.1f}{train.get('dead_pct_100k', float('nan')):>14.1f}"
                             f"{report['seconds']:>9.0f}" if last else ""))
     first = next(iter(reports.values()))
     lines.append(f"{first['tokens']} held-out tokens; dead (eval): never fired on them; dead (train): no firing in "
-                 f"the last dead_after_tokens training tokens (sparsify: {DEAD_REPORT_TOKENS:,}); dead (100k): no "
-                 f"firing in the last {DEAD_REPORT_TOKENS:,}")
+                 f"the last dead_after_tokens training tokens (sparsify: {DEAD_SHARE_TOKENS:,}); dead (100k): no "
+                 f"firing in the last {DEAD_SHARE_TOKENS:,}")
     return "\n".join(lines)
