@@ -184,7 +184,7 @@ class TranscoderConfig:
     dtype: str = COMPUTE("float32", "Dtype of the transcoder's parameters and optimiser state.", resumable=False)
     compute_dtype: str | None = COMPUTE(
         None, "Dtype of the encoder and skip matmuls (None: as dtype; bfloat16 suits A100/L4/H100).")
-    model_dtype: str = COMPUTE("float32", "Dtype of the language model's forward pass.")
+    model_dtype: str = COMPUTE("float32", "Dtype of the language model's forward ('auto': bfloat16 if native, else float32).")
     activation_dtype: str = COMPUTE("float32", "Dtype of the activations kept in the shuffling buffer.",
                                     store=True)
     device: str = COMPUTE("auto", "Device to train on ('auto': cuda when torch sees a GPU, else cpu).")
@@ -297,9 +297,9 @@ class TranscoderConfig:
                  "the usual choice is (0.9, 0.999)")
         if self.k > self.d_sae:
             fail("k", f"k={self.k} exceeds d_sae={self.d_sae}", "use k <= d_sae")
-        for name in ("dtype", "compute_dtype", "model_dtype", "activation_dtype"):
-            if getattr(self, name) not in DTYPE_NAMES and not (name == "compute_dtype" and self.compute_dtype is None):
-                fail(name, f"unknown dtype {getattr(self, name)!r}", f"use one of {', '.join(DTYPE_NAMES)}")
+        for name, extra in (("dtype", ()), ("compute_dtype", (None,)), ("model_dtype", ("auto",)), ("activation_dtype", ())):
+            if getattr(self, name) not in DTYPE_NAMES + extra:
+                fail(name, f"unknown dtype {getattr(self, name)!r}", f"use one of {', '.join(map(str, DTYPE_NAMES + extra))}")
 
         sizes = self.prefix_sizes
         if any(m < 1 for m in sizes):

@@ -186,15 +186,44 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def native_bfloat16(device: str, cpu_flags: str | None = None) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: CUDA compute capability 8.0 and newer
+    (A100, L4, H100), or an x86 CPU with AVX512-BF16 or AMX (`cpu_flags`: the flags line of /proc/cpuinfo, read
+    when None). Elsewhere bfloat16 is emulated, and slower than float32."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type != "cpu":
+        return False
+    if cpu_flags is None:
+        try:
+            cpu_flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags.split()))
+
+
+def resolve_model_dtype(dtype: str, device: str) -> str:
+    """The dtype a config's `model_dtype` means on `device`: "auto" is bfloat16 where `native_bfloat16`, else
+    float32 (on a CPU with AVX512-BF16 the offline model's forward runs about twice as fast in bfloat16)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bfloat16(device) else "float32"
+
+
 def load_language_model(name: str, device: str = "cpu", dtype: str = "float32"):
-    """A `TransformerBridge` for `name` (Hugging Face id, local folder or `gemma-3-270m-offline`)."""
+    """A `TransformerBridge` for `name` (Hugging Face id, local folder or `gemma-3-270m-offline`), its
+    forward pass in `dtype` ("auto": see `resolve_model_dtype`)."""
     from .config import torch_dtype
 
     path = resolve_model_path(name)
     from transformer_lens.model_bridge import TransformerBridge
 
+    dtype = torch_dtype(resolve_model_dtype(dtype, device))
     try:
-        bridge = TransformerBridge.boot_transformers(path, device=device, dtype=torch_dtype(dtype))
+        bridge = TransformerBridge.boot_transformers(path, device=device, dtype=dtype)
     except Exception as err:
         raise RuntimeError(explain_load_error(name, err)) from err
     bridge.eval()

@@ -25,7 +25,8 @@ HEADROOM = 0.9  # share of the device a plan may fill
 # Planning CPU RAM, the process itself counts too: Python with torch, transformers and transformer-lens imported
 # holds 0.47 GiB (measured with torch 2.13). On a GPU the headroom covers the CUDA context.
 LIBRARIES_ON_CPU = GiB // 2
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8,
+               "auto": 4}  # model_dtype "auto" is bfloat16 or float32: plan for the larger
 # Memory of the devices researchers train on, for `--memory t4` and the docs (what torch reports).
 NAMED_DEVICES = {"t4": 15.0, "l4": 22.5, "a100-40gb": 40.0, "a100-80gb": 80.0, "h100": 80.0}
 

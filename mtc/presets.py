@@ -55,7 +55,10 @@ PRESETS: dict[str, dict] = {
     # offline Gemma-3-270M on a laptop CPU, a few minutes
     # The MLP's literal input (`mlp_in`, norm gain applied) rather than `ln2.hook_normalized`: Gemma-3's
     # gains span 0..27, and on this short budget the gained input reaches a clearly lower FVU.
+    # model_dtype "auto": the forward that feeds training runs about twice as fast in bfloat16 on CPUs that
+    # compute it natively (docs/performance.md), and stays float32 elsewhere.
     "demo": dict(model_name=OFFLINE_MODEL, source_hook=hook_name("mlp_in", 6), target_hook=default_hooks(6)[1],
+                 model_dtype="auto",
                  d_sae=2560, prefix_sizes=matryoshka_prefixes(2560), k=32, k_aux=256, batch_size=512,
                  total_tokens=512 * 700, warmup_steps=25, seq_len=128, model_batch_size=16, buffer_tokens=131_072,
                  dataset="pydoc", run_name="demo", log_every=25, checkpoint_every=100, **recipe(2560, 32)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .language_model import HUB_MODELS, OFFLINE_MODEL, resolve_model_path
+from .language_model import HUB_MODELS, OFFLINE_MODEL, resolve_model_dtype, resolve_model_path
 
 _TOKENIZER_TEXT = [
     "the quick brown fox jumps over the lazy dog while a transcoder reads the residual stream",
@@ -46,6 +46,7 @@ def random_language_model(name: str, device: str = "cpu", dtype: str = "float32"
 
     from .config import torch_dtype
 
+    dtype = resolve_model_dtype(dtype, device)
     tokenizer = tiny_tokenizer()
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id)

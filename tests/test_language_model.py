@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from mtc import TranscoderConfig
+from mtc import language_model
 from mtc.language_model import (OFFLINE_MODEL, default_hooks, explain_load_error, fit_config_to_model, hook_name,
-                                hook_widths, load_language_model, resolve_model_path, stop_layer, validate_hooks)
+                                hook_widths, load_language_model, native_bfloat16, resolve_model_dtype,
+                                resolve_model_path, stop_layer, validate_hooks)
 
 
 def test_site_names_and_default_pair():
@@ -52,6 +54,25 @@ def test_gpt2_architecture_loads_with_the_same_hooks(tiny_dirs):
     bridge = load_language_model(str(tiny_dirs["gpt2"]))
     assert hook_widths(bridge, list(default_hooks(0))) == {"blocks.0.ln2.hook_normalized": 64,
                                                              "blocks.0.hook_mlp_out": 64}
+
+
+def test_native_bfloat16_reads_the_cpu_flags():
+    assert native_bfloat16("cpu", "flags : fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni")
+    assert native_bfloat16("cpu", "flags : fpu sse2 amx_tile amx_bf16")
+    assert not native_bfloat16("cpu", "flags : fpu sse2 avx2 avx512f avx512bw")  # AVX-512 alone emulates bfloat16
+    assert not native_bfloat16("meta")
+
+
+def test_auto_model_dtype_is_bfloat16_only_where_native(monkeypatch, tiny_dirs):
+    assert resolve_model_dtype("float16", "cpu") == "float16"  # explicit dtypes pass through
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(language_model, "native_bfloat16", lambda device, flags=None, native=native: native)
+        assert resolve_model_dtype("auto", "cpu") == str(expected).removeprefix("torch.")
+        bridge = load_language_model(str(tiny_dirs["gpt2"]), dtype="auto")
+        assert next(bridge.parameters()).dtype == expected
+    assert TranscoderConfig(model_dtype="auto").model_dtype == "auto"
+    with pytest.raises(ValueError, match="activation_dtype"):
+        TranscoderConfig(activation_dtype="auto")
 
 
 def test_model_path_errors(tmp_path):

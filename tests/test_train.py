@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import mtc.checkpoint
 from mtc import TranscoderConfig
 from mtc.checkpoint import list_checkpoints, load_checkpoint
+from mtc.language_model import native_bfloat16
 from mtc.logger import read_metrics
 from mtc.testing import SyntheticStore
 from mtc.train import NonFiniteError, StopRequested, Trainer, learning_rate
@@ -222,6 +223,8 @@ def test_demo_preset_end_to_end_without_wandb_key_or_tty(tiny_dirs, tmp_path):
     assert (tmp_path / "demo" / "final" / "model.safetensors").is_file()
     assert list((tmp_path / "demo" / "wandb").glob("offline-run-*"))
     assert [m["step"] for m in read_metrics(tmp_path / "demo")] == [25, 40]
+    # the preset's model_dtype "auto": bfloat16 where this CPU computes it natively
+    assert f"(language model in {'bfloat16' if native_bfloat16('cpu') else 'float32'})" in result.stderr
 
 
 def test_cli_rejects_bad_settings_before_loading_a_model(tmp_path):
