@@ -197,7 +197,7 @@ def load_bridge(cfg: TranscoderConfig, random_weights: bool, device: str):
 def run_benchmark(settings: BenchSettings) -> dict:
     """Measure `settings.parts` and return the figures (JSON-ready), with the ratios."""
     from .activations import build_store
-    from .language_model import fit_config_to_model
+    from .language_model import fit_config_to_model, model_dtype_of
 
     device = torch.device(settings.device)
     with tempfile.TemporaryDirectory(prefix="mtc-bench-") as work:
@@ -213,7 +213,7 @@ def run_benchmark(settings: BenchSettings) -> dict:
             report["parts"]["step"] = measure_step(cfg, x, y, settings.steps, settings.dead_fraction, device)
         else:
             bridge = load_bridge(cfg, settings.random_weights, settings.device)
-            cfg = fit_config_to_model(cfg, bridge)
+            cfg = fit_config_to_model(cfg, bridge).replace(model_dtype=model_dtype_of(bridge))  # what "auto" became
             if "step" in settings.parts:
                 small = build_store(bridge, [cfg.replace(buffer_tokens=cfg.batch_size)], buffer_device=device)
                 batch = small.next_batch()
@@ -335,6 +335,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
 def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
     from .checkpoint import atomic_write_bytes
     from .presets import PRESETS
+    from .language_model import resolve_model_dtype
     from .quality import (ActivationCache, check_sparsify_python, collect_cache, format_quality, run_quality,
                           run_sparsify)
 
@@ -349,6 +350,11 @@ def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
         check_sparsify_python(args.sparsify_python)
     if cache_path.is_file():
         cache = ActivationCache.load(cache_path)
+        made_in = cache.meta.get("model_dtype", "float32")  # caches older than the key came from float32 models
+        if made_in != resolve_model_dtype(cfg.model_dtype, device):
+            print(f"note: {cache_path} holds activations of the language model in {made_in}, model_dtype="
+                  f"{cfg.model_dtype} asks for {resolve_model_dtype(cfg.model_dtype, device)}; the cache is used as "
+                  "it is (delete it, or give another --cache, to collect a new one)", file=sys.stderr)
     else:
         from .language_model import fit_config_to_model, load_language_model
 

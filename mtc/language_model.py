@@ -213,6 +213,11 @@ def resolve_model_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if native_bfloat16(device) else "float32"
 
 
+def model_dtype_of(bridge) -> str:
+    """The dtype name of a loaded model's weights ("bfloat16"): what "auto" became."""
+    return str(next(bridge.parameters()).dtype).removeprefix("torch.")
+
+
 def load_language_model(name: str, device: str = "cpu", dtype: str = "float32"):
     """A `TransformerBridge` for `name` (Hugging Face id, local folder or `gemma-3-270m-offline`), its
     forward pass in `dtype` ("auto": see `resolve_model_dtype`)."""

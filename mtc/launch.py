@@ -252,19 +252,18 @@ def train_command(args: argparse.Namespace) -> int:
 def train_on(args: argparse.Namespace, run: RunSettings, mirrors: list[Path | None], resume: ResumePoint | None,
              process: Process) -> int:
     """Load the model, check the configs' widths against it, and train them from one store."""
-    from .language_model import load_language_model
+    from .language_model import load_language_model, model_dtype_of
     from .parallel import store_for
     from .train import Trainer
 
     first = run.configs[0]
     bridge = load_language_model(first.model_name, device=process.device, dtype=first.model_dtype)
     configs = check_widths(run.configs, bridge, run.shape, run.unread)
-    model_dtype = str(next(bridge.parameters()).dtype).removeprefix("torch.")
     for cfg in configs:
         print(f"{cfg.run_name}: {cfg.model_name} {cfg.source_hook} -> {cfg.target_hook}, d_in={cfg.d_in} "
               f"d_out={cfg.d_out} d_sae={cfg.d_sae} prefixes={cfg.prefix_sizes} k={cfg.k}, "
               f"{cfg.total_steps} steps of {cfg.batch_size} tokens on {process.device} (language model in "
-              f"{model_dtype})", file=sys.stderr)
+              f"{model_dtype_of(bridge)})", file=sys.stderr)
     store, configs = store_for(bridge, configs, process)
     trainer = Trainer(configs, store, device=process.device, mirror_dirs=mirrors, resume=resume,
                       progress=not args.no_progress, process=process)

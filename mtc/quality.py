@@ -31,6 +31,7 @@ from .activations import ActivationBatch, build_store
 from .config import TranscoderConfig
 from .data import special_token_ids
 from .evaluate import PrefixStatistics, held_out_contexts
+from .language_model import model_dtype_of
 from .transcoder import DEAD_SHARE_TOKENS, MatryoshkaTranscoder
 
 
@@ -111,7 +112,7 @@ def collect_cache(bridge, cfg: TranscoderConfig, eval_tokens: int) -> Activation
         sources.append(acts[cfg.source_hook][keep].float().cpu())
         targets.append(acts[cfg.target_hook][keep].float().cpu())
     meta = {"model_name": cfg.model_name, "source_hook": cfg.source_hook, "target_hook": cfg.target_hook,
-            "dataset": cfg.dataset, "batch_size": cfg.batch_size, "seed": cfg.seed}
+            "dataset": cfg.dataset, "batch_size": cfg.batch_size, "seed": cfg.seed, "model_dtype": model_dtype_of(bridge)}
     return ActivationCache(train_source=train_source, train_target=train_target,
                            eval_source=torch.cat(sources)[:eval_tokens], eval_target=torch.cat(targets)[:eval_tokens],
                            meta=meta)

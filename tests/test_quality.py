@@ -83,12 +83,15 @@ def bench_quality_args(tmp_path, out):
 
 def test_bench_quality_command_reads_an_existing_cache(tmp_path, capsys):
     out = tmp_path / "quality.json"
-    args = bench_quality_args(tmp_path, out)
+    args = bench_quality_args(tmp_path, out) + ["--model-dtype", "float32"]
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"plain", "matryoshka"}
     assert main(args) == 0  # a second benchmark replaces the first one's runs
-    assert "--sparsify-python" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--sparsify-python" in err and "note:" not in err
+    assert main(args + ["--model-dtype", "bfloat16"]) == 0  # the cache came from a float32 model: said, and used
+    assert "holds activations of the language model in float32, model_dtype=bfloat16" in capsys.readouterr().err
 
 
 def test_collect_cache_holds_the_training_batches_in_serving_order(tmp_path, gemma2_bridge):
@@ -102,7 +105,7 @@ def test_collect_cache_holds_the_training_batches_in_serving_order(tmp_path, gem
     batches = [build_store(gemma2_bridge, [cfg]).next_batch() for _ in range(1)]
     assert cache.train_source.shape == (320, 64) and cache.eval_source.shape == (100, 64)
     torch.testing.assert_close(cache.train_source[:64], batches[0].sources[0])
-    assert cache.meta["source_hook"] == cfg.source_hook
+    assert cache.meta["source_hook"] == cfg.source_hook and cache.meta["model_dtype"] == "float32"
 
 
 FAKE_SPARSIFY = """#!/bin/sh
