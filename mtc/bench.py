@@ -334,8 +334,8 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
     from .checkpoint import atomic_write_bytes
-    from .presets import PRESETS
     from .language_model import resolve_model_dtype
+    from .presets import PRESETS
     from .quality import (ActivationCache, check_sparsify_python, collect_cache, format_quality, run_quality,
                           run_sparsify)
 
@@ -351,10 +351,11 @@ def quality_command(args: argparse.Namespace, preset: str, device: str) -> int:
     if cache_path.is_file():
         cache = ActivationCache.load(cache_path)
         made_in = cache.meta.get("model_dtype", "float32")  # caches older than the key came from float32 models
-        if made_in != resolve_model_dtype(cfg.model_dtype, device):
+        wanted = resolve_model_dtype(cfg.model_dtype, device)
+        if made_in != wanted:
             print(f"note: {cache_path} holds activations of the language model in {made_in}, model_dtype="
-                  f"{cfg.model_dtype} asks for {resolve_model_dtype(cfg.model_dtype, device)}; the cache is used as "
-                  "it is (delete it, or give another --cache, to collect a new one)", file=sys.stderr)
+                  f"{cfg.model_dtype} asks for {wanted}; the cache is used as it is (delete it, or give another "
+                  "--cache, to collect a new one)", file=sys.stderr)
     else:
         from .language_model import fit_config_to_model, load_language_model
 
