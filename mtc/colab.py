@@ -55,6 +55,7 @@ def resolve_mirror_dir(drive_dir: str, run_name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------- GPU and dtypes
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere and newer (A100, L4, H100) compute in bfloat16 natively
 @dataclass
 class GpuSettings:
     """Device and dtypes chosen for the machine; `note` says why in one line."""
@@ -82,7 +83,7 @@ def settings_for(name: str | None, capability: tuple[int, int] | None,
                            f"{name}: compute capability unknown, so float32 throughout to be safe")
     capability = (int(capability[0]), int(capability[1]))
     cc = f"{capability[0]}.{capability[1]}"
-    if capability >= (8, 0):  # Ampere and newer (A100, L4, H100) compute in bfloat16 natively
+    if capability >= NATIVE_BF16_CAPABILITY:
         return GpuSettings("cuda", name, capability, memory_gb, "bfloat16", "bfloat16", True,
                            f"{name} (compute {cc}) has native bfloat16: model, activation store and the "
                            f"transcoder's encoder matmul in bfloat16 (its parameters and Adam state in float32)",

@@ -192,9 +192,11 @@ def native_bfloat16(device: str, cpu_flags: str | None = None) -> bool:
     when None). Elsewhere bfloat16 is emulated, and slower than float32."""
     import torch
 
+    from .colab import NATIVE_BF16_CAPABILITY
+
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
     if device.type != "cpu":
         return False
     if cpu_flags is None:
